@@ -1,0 +1,11 @@
+"""flaxen's models: Flax NNX BERT-family encoders and GPT-2-family decoders with task heads.
+
+Knows nothing about training. Public surface:
+    ModelConfig, Model, ModelOutput, build_model(config, head=None, num_labels=2, rngs=...)
+    load_pretrained(path, head=None, **head_kwargs), save_pretrained(model, path)
+    generate(model, input_ids, ...), minilm_path()
+"""
+from models.config import FAMILIES, HEADS, ModelConfig
+from models.model import Model, ModelOutput, build_model
+
+__all__ = ["FAMILIES", "HEADS", "ModelConfig", "Model", "ModelOutput", "build_model"]

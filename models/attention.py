@@ -1,0 +1,79 @@
+"""Multi-head self-attention, the one implementation both families share.
+
+Shapes: x [batch, seq, embed]; q/k/v [batch, seq, heads, head_dim]; mask [batch, 1, q_len, k_len]
+(True = attend). Without attention dropout the product goes through
+`jax.nn.dot_product_attention`, which picks a fused kernel where the backend has one; with
+dropout (training encoders) an explicit softmax path applies dropout to the probabilities. Both
+paths share masking and scaling, and a test holds them equal.
+
+A decoder's key/value cache is an explicit pair of arrays [batch, max_len, heads, head_dim]
+passed in and returned, so a generation loop carries it as plain state.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.layers import Dense, dropout
+
+
+def dot_product_attention(q, k, v, mask, *, dropout_rate: float = 0.0, dropout_rng=None):
+    """softmax(q·kᵀ/√d + mask)·v over [batch, seq, heads, head_dim] inputs."""
+    if dropout_rng is None or dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+class SelfAttention(nnx.Module):
+    """Query/key/value projections, scaled dot-product attention, output projection."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, out_init_std: float | None = None):
+        e, n, h = config.hidden_size, config.num_heads, config.head_dim
+        std, dt = config.initializer_range, config.compute_dtype
+        self.query = Dense(e, (n, h), ("embed", "heads", "head_dim"), rngs=rngs, init_std=std, dtype=dt)
+        self.key = Dense(e, (n, h), ("embed", "heads", "head_dim"), rngs=rngs, init_std=std, dtype=dt)
+        self.value = Dense(e, (n, h), ("embed", "heads", "head_dim"), rngs=rngs, init_std=std, dtype=dt)
+        self.out = Dense(
+            (n, h), e, ("heads", "head_dim", "embed"), rngs=rngs, init_std=out_init_std or std, dtype=dt
+        )
+        self.dropout_rate = config.attention_dropout
+
+    def __call__(self, x, mask, *, dropout_rng=None, cache=None, cache_index=None):
+        """x [batch, seq, embed] -> ([batch, seq, embed], updated cache or None).
+
+        With `cache=(k, v)` the new keys/values are written at `cache_index` and attention runs
+        over the whole cache; `mask` must then cover the cache length.
+        """
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
+            cache = (k, v)
+        y = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
+        return self.out(y), cache
+
+
+def padding_mask(attention_mask: jax.Array) -> jax.Array:
+    """[batch, k_len] of 1/0 -> [batch, 1, 1, k_len] boolean (True = attend)."""
+    return attention_mask.astype(bool)[:, None, None, :]
+
+
+def causal_mask(attention_mask: jax.Array, query_positions: jax.Array) -> jax.Array:
+    """Causal and padding mask [batch, 1, q_len, k_len].
+
+    attention_mask [batch, k_len] marks real key slots; query_positions [q_len] are the slot
+    indices of the queries (arange(seq) without a cache, offset by the cache index with one).
+    """
+    key_positions = jnp.arange(attention_mask.shape[1])
+    causal = key_positions[None, :] <= query_positions[:, None]
+    return causal[None, None, :, :] & attention_mask.astype(bool)[:, None, None, :]

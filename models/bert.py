@@ -1,0 +1,97 @@
+"""BERT-family encoder (BERT, MiniLM): embeddings, post-LN blocks, pooler.
+
+input_ids [batch, seq] -> word + position + token-type embeddings -> LayerNorm -> N x
+(attention -> add & LayerNorm -> MLP with exact GELU -> add & LayerNorm) -> hidden states
+[batch, seq, embed]; the pooler is tanh(dense(h[:, 0])). Parameter names follow the Hugging Face
+layout closely so that models.hf maps them one to one.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention import SelfAttention, padding_mask
+from models.config import ModelConfig
+from models.layers import Dense, Embed, LayerNorm, dropout, gelu_exact
+
+
+class BertEmbeddings(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        std, dt = config.initializer_range, config.compute_dtype
+        self.word = Embed(config.vocab_size, config.hidden_size, ("vocab", "embed"), rngs=rngs, init_std=std, dtype=dt)
+        self.position = Embed(
+            config.max_position_embeddings, config.hidden_size, ("position", "embed"), rngs=rngs, init_std=std, dtype=dt
+        )
+        self.token_type = Embed(
+            config.type_vocab_size, config.hidden_size, ("token_type", "embed"), rngs=rngs, init_std=std, dtype=dt
+        )
+        self.norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dt)
+        self.dropout_rate = config.hidden_dropout
+
+    def __call__(self, input_ids, token_type_ids, position_ids, *, dropout_rng=None):
+        x = self.word(input_ids) + self.position(position_ids) + self.token_type(token_type_ids)
+        return dropout(self.norm(x), self.dropout_rate, dropout_rng)
+
+
+class BertLayer(nnx.Module):
+    """One post-LN Transformer block."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        e, m, std, dt = config.hidden_size, config.intermediate_size, config.initializer_range, config.compute_dtype
+        self.attention = SelfAttention(config, rngs=rngs)
+        self.attention_norm = LayerNorm(e, eps=config.layer_norm_eps, dtype=dt)
+        self.intermediate = Dense(e, m, ("embed", "mlp"), rngs=rngs, init_std=std, dtype=dt)
+        self.output = Dense(m, e, ("mlp", "embed"), rngs=rngs, init_std=std, dtype=dt)
+        self.output_norm = LayerNorm(e, eps=config.layer_norm_eps, dtype=dt)
+        self.dropout_rate = config.hidden_dropout
+
+    def __call__(self, x, mask, dropout_rng=None):
+        rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
+        h, _ = self.attention(x, mask, dropout_rng=rngs[0])
+        x = self.attention_norm(x + dropout(h, self.dropout_rate, rngs[1]))
+        h = self.output(gelu_exact(self.intermediate(x)))
+        return self.output_norm(x + dropout(h, self.dropout_rate, rngs[2]))
+
+
+class BertPooler(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        e = config.hidden_size
+        self.dense = Dense(e, e, ("embed", "embed_out"), rngs=rngs, init_std=config.initializer_range,
+                           dtype=config.compute_dtype)
+
+    def __call__(self, hidden):
+        return jnp.tanh(self.dense(hidden[:, 0]))
+
+
+class BertEncoder(nnx.Module):
+    """Embeddings + blocks (+ pooler). Returns (hidden [batch, seq, embed], pooled [batch, embed] | None)."""
+
+    def __init__(self, config: ModelConfig, *, add_pooler: bool = True, rngs: nnx.Rngs):
+        self.config = config
+        self.embeddings = BertEmbeddings(config, rngs=rngs)
+        self.layers = nnx.List([BertLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.pooler = BertPooler(config, rngs=rngs) if add_pooler else None
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, dropout_rng=None):
+        batch, seq = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, seq), jnp.int32)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((batch, seq), jnp.int32)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+        rng = (lambda i: None) if dropout_rng is None else (lambda i: jax.random.fold_in(dropout_rng, i))
+        x = self.embeddings(input_ids, token_type_ids, position_ids, dropout_rng=rng(0))
+        mask = padding_mask(attention_mask)
+        for i, layer in enumerate(self.layers):
+            x = run_block(layer, x, mask, rng(i + 1), remat=self.config.remat)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        return x, pooled
+
+
+def run_block(block, x, mask, dropout_rng, *, remat: bool):
+    """Calls a block, rematerialising its activations in the backward pass when `remat`."""
+    if remat:
+        return nnx.remat(lambda b, x, m, r: b(x, m, r))(block, x, mask, dropout_rng)
+    return block(x, mask, dropout_rng)

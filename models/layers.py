@@ -1,0 +1,118 @@
+"""Parameterised building blocks with logical axis names on every parameter.
+
+Every `nnx.Param` carries `out_sharding` metadata naming its logical axes (`'embed'`, `'mlp'`,
+`'heads'`, ...). The names are metadata only (`eager_sharding=False`): sharding rules applied
+later (flaxen.sharding) map them onto a device mesh without touching model code.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
+    """An `nnx.Param` annotated with logical axis names (one per dimension)."""
+    assert len(axes) == value.ndim, (axes, value.shape)
+    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+
+
+def _shape(features: int | Sequence[int]) -> tuple[int, ...]:
+    return (features,) if isinstance(features, int) else tuple(features)
+
+
+class Dense(nnx.Module):
+    """y = x · kernel + bias, contracting the last `len(in_features)` axes of x.
+
+    kernel: [*in_features, *out_features] named by `axes`; bias: [*out_features]. Multi-axis
+    kernels keep attention heads explicit: query is `[embed, heads, head_dim]`, the output
+    projection `[heads, head_dim, embed]`.
+    """
+
+    def __init__(
+        self,
+        in_features: int | Sequence[int],
+        out_features: int | Sequence[int],
+        axes: Sequence[str | None],
+        *,
+        rngs: nnx.Rngs,
+        use_bias: bool = True,
+        init_std: float = 0.02,
+        dtype=jnp.float32,
+    ):
+        self.in_shape = _shape(in_features)
+        self.out_shape = _shape(out_features)
+        self.dtype = dtype
+        shape = self.in_shape + self.out_shape
+        self.kernel = param(init_std * jax.random.normal(rngs.params(), shape, jnp.float32), axes)
+        if use_bias:
+            self.bias = param(jnp.zeros(self.out_shape, jnp.float32), axes[len(self.in_shape):])
+        else:
+            self.bias = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jnp.tensordot(x.astype(self.dtype), kernel, axes=len(self.in_shape))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """A lookup table [num_embeddings, features]; `attend` uses it as an output projection."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        axes: Sequence[str | None],
+        *,
+        rngs: nnx.Rngs,
+        init_std: float = 0.02,
+        dtype=jnp.float32,
+    ):
+        self.dtype = dtype
+        table = init_std * jax.random.normal(rngs.params(), (num_embeddings, features), jnp.float32)
+        self.embedding = param(table, axes)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """[..., features] -> [..., num_embeddings] with the transposed table (tied output layer)."""
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, computed in float32 whatever the compute dtype."""
+
+    def __init__(self, features: int, *, eps: float, dtype=jnp.float32):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = param(jnp.ones((features,), jnp.float32), ("embed",))
+        self.bias = param(jnp.zeros((features,), jnp.float32), ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when `rng` is None (deterministic) or the rate is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
