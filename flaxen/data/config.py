@@ -1,0 +1,148 @@
+"""The data config: one dataclass that a preset in configs/data/ fills and Hydra type-checks.
+
+Why: everything about a dataset (where its files are, how to parse them, how to tokenize and how
+to cut batches) is decided once, at start-up, from this schema; `check_config` then catches what
+types cannot (choices, ranges, consistency) and raises ConfigError naming the `data.<key>`.
+
+Only str/int/float/bool/list/dict/Optional fields and nested dataclasses, so the class doubles
+as a Hydra structured-config schema.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from flaxen.errors import ConfigError
+
+SOURCES = ("conll", "delimited", "text", "tfds", "synthetic")
+FORMATS = ("tsv", "csv", "jsonl")
+TAG_SCHEMES = ("IOB1", "IOB2")
+TOKENIZER_KINDS = ("pretrained", "char", "word", "wordpiece", "bpe")
+SYNTHETIC_KINDS = ("corpus", "classification")
+TASKS = ("seq_cls", "token_cls", "mlm", "clm")
+
+
+@dataclass
+class TokenizerConfig:
+    """How text becomes ids.
+
+    kind: `pretrained` (a Hugging Face tokenizer directory at `path`), `char` (one id per character
+    of the corpus), `word` (one id per whitespace-separated word of the corpus), `wordpiece` or
+    `bpe` (trained by flaxen on the train split with the `tokenizers` library, `vocab_size` ids).
+    """
+    kind: str = "pretrained"
+    path: Optional[str] = None
+    vocab_size: int = 8000
+    min_frequency: int = 2
+    lowercase: bool = True
+
+
+@dataclass
+class SyntheticConfig:
+    """flaxen's generated quickstart language (see flaxen/data/synthetic.py).
+
+    kind: `corpus` (unlabelled sentences, for mlm/clm) or `classification` (labelled sentences).
+    """
+    kind: str = "corpus"
+    seed: int = 0
+    num_train: int = 20000
+    num_validation: int = 1000
+
+
+@dataclass
+class DataConfig:
+    """A dataset, its parsing, its tokenizer and its batching (see configs/data/*.yaml)."""
+    name: str = "quickstart"
+    source: str = "synthetic"
+    # split name -> file, relative to data_dir (or absolute)
+    splits: Dict[str, str] = field(default_factory=dict)
+    # source=tfds: catalog name (e.g. glue/sst2) and our split -> catalog split
+    tfds_name: Optional[str] = None
+    tfds_splits: Dict[str, str] = field(default_factory=dict)
+    # source=delimited
+    format: str = "tsv"
+    header: bool = True
+    text_columns: List[str] = field(default_factory=lambda: ["sentence"])
+    label_column: Optional[str] = "label"
+    regression: bool = False
+    # source=conll (column indices may be negative, counted from the end)
+    token_column: int = 0
+    tag_column: int = -1
+    separator: Optional[str] = None
+    tag_scheme: str = "IOB2"
+    convert_tag_scheme: Optional[str] = None
+    # seq_cls / token_cls: declared label set (None: the sorted labels found in the train split)
+    label_names: Optional[List[str]] = None
+    # source=text: fraction of the characters carved off the end as `validation` when no file is given
+    validation_fraction: float = 0.1
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(kind="word"))
+    # seq_cls / token_cls: rows longer than max_length tokens are truncated; batches are padded to
+    # the smallest bucket length that fits their longest row
+    max_length: int = 128
+    bucket_lengths: List[int] = field(default_factory=lambda: [32, 64, 128])
+    # mlm / clm: tokens per row
+    window_length: int = 64
+    mlm_probability: float = 0.15
+    # where prepared tfds data lives; None: <data_dir>/tfds (or a per-user cache when data_dir is read-only)
+    prepared_dir: Optional[str] = None
+    # grain prefetch threads per loader (0: read in the calling thread)
+    loader_threads: int = 1
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"data.{key}={value!r}: expected one of {', '.join(map(str, choices))}")
+
+
+def check_config(cfg: DataConfig, task: str) -> None:
+    """Raises ConfigError for a config that cannot describe `task`'s data."""
+    _choice("source", cfg.source, SOURCES)
+    if task not in TASKS:
+        raise ConfigError(f"task={task!r}: expected one of {', '.join(TASKS)}")
+    _choice("tokenizer.kind", cfg.tokenizer.kind, TOKENIZER_KINDS)
+    if cfg.source == "tfds" and not cfg.tfds_name:
+        raise ConfigError("data.source=tfds needs data.tfds_name (a catalog name such as glue/sst2)")
+    if cfg.source in ("conll", "delimited", "text") and not cfg.splits:
+        raise ConfigError(f"data.splits is empty: data.source={cfg.source} needs split -> file entries, "
+                          "e.g. {train: sst2/train.tsv, validation: sst2/dev.tsv}")
+    if cfg.source in ("conll", "delimited", "text") and "train" not in cfg.splits:
+        raise ConfigError(f"data.splits has no 'train' entry (has {sorted(cfg.splits)})")
+    if cfg.source == "delimited":
+        _choice("format", cfg.format, FORMATS)
+        if not 1 <= len(cfg.text_columns) <= 2:
+            raise ConfigError(f"data.text_columns={list(cfg.text_columns)}: expected one column or a pair")
+    if cfg.source == "synthetic":
+        _choice("synthetic.kind", cfg.synthetic.kind, SYNTHETIC_KINDS)
+        for key in ("num_train", "num_validation"):
+            if getattr(cfg.synthetic, key) <= 0:
+                raise ConfigError(f"data.synthetic.{key}={getattr(cfg.synthetic, key)}: expected a positive count")
+    _choice("tag_scheme", cfg.tag_scheme, TAG_SCHEMES)
+    if cfg.convert_tag_scheme is not None:
+        _choice("convert_tag_scheme", cfg.convert_tag_scheme, TAG_SCHEMES)
+    if cfg.separator not in (None, " ", "\t"):
+        raise ConfigError(f"data.separator={cfg.separator!r}: expected ' ', '\\t' or null (any whitespace)")
+    if not 0.0 <= cfg.validation_fraction < 1.0:
+        raise ConfigError(f"data.validation_fraction={cfg.validation_fraction}: expected a value in [0, 1)")
+    if not 0.0 < cfg.mlm_probability < 1.0:
+        raise ConfigError(f"data.mlm_probability={cfg.mlm_probability}: expected a value in (0, 1)")
+    buckets = list(cfg.bucket_lengths)
+    if not buckets or any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
+        raise ConfigError(f"data.bucket_lengths={buckets}: expected increasing positive lengths")
+    if cfg.max_length < 4 or cfg.max_length > buckets[-1]:
+        raise ConfigError(f"data.max_length={cfg.max_length}: expected at least 4 and at most the largest "
+                          f"bucket length {buckets[-1]} (data.bucket_lengths)")
+    if cfg.window_length < 4:
+        raise ConfigError(f"data.window_length={cfg.window_length}: expected at least 4 tokens")
+    if cfg.label_names is not None and len(set(cfg.label_names)) != len(cfg.label_names):
+        raise ConfigError(f"data.label_names={list(cfg.label_names)} has duplicates")
+    if cfg.tokenizer.kind in ("wordpiece", "bpe") and cfg.tokenizer.vocab_size < 64:
+        raise ConfigError(f"data.tokenizer.vocab_size={cfg.tokenizer.vocab_size}: expected at least 64")
+    if cfg.loader_threads < 0:
+        raise ConfigError(f"data.loader_threads={cfg.loader_threads}: expected 0 or more")
+
+
+def default_data_dir() -> str:
+    """`FLAXEN_DATA_DIR` if set, else ~/flaxen_data."""
+    return os.environ.get("FLAXEN_DATA_DIR") or os.path.join(os.path.expanduser("~"), "flaxen_data")
