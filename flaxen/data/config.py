@@ -57,9 +57,12 @@ class DataConfig:
     source: str = "synthetic"
     # split name -> file, relative to data_dir (or absolute)
     splits: Dict[str, str] = field(default_factory=dict)
-    # source=tfds: catalog name (e.g. glue/sst2) and our split -> catalog split
+    # source=tfds: catalog name (e.g. glue/sst2), our split -> catalog split (default: the catalog's
+    # splits), and our record field -> catalog feature: {text: sentence, label: label} (classification),
+    # {tokens: tokens, tags: ner} (tagging) or {text: text} (corpus)
     tfds_name: Optional[str] = None
     tfds_splits: Dict[str, str] = field(default_factory=dict)
+    tfds_features: Dict[str, str] = field(default_factory=dict)
     # source=delimited
     format: str = "tsv"
     header: bool = True
@@ -70,7 +73,7 @@ class DataConfig:
     token_column: int = 0
     tag_column: int = -1
     separator: Optional[str] = None
-    tag_scheme: str = "IOB2"
+    tag_scheme: Optional[str] = "IOB2"
     convert_tag_scheme: Optional[str] = None
     # seq_cls / token_cls: declared label set (None: the sorted labels found in the train split)
     label_names: Optional[List[str]] = None
@@ -102,8 +105,13 @@ def check_config(cfg: DataConfig, task: str) -> None:
     if task not in TASKS:
         raise ConfigError(f"task={task!r}: expected one of {', '.join(TASKS)}")
     _choice("tokenizer.kind", cfg.tokenizer.kind, TOKENIZER_KINDS)
-    if cfg.source == "tfds" and not cfg.tfds_name:
-        raise ConfigError("data.source=tfds needs data.tfds_name (a catalog name such as glue/sst2)")
+    if cfg.source == "tfds":
+        if not cfg.tfds_name:
+            raise ConfigError("data.source=tfds needs data.tfds_name (a catalog name such as glue/sst2)")
+        keys = set(cfg.tfds_features)
+        if keys not in ({"text"}, {"text", "label"}, {"text", "text_pair", "label"}, {"tokens", "tags"}):
+            raise ConfigError(f"data.tfds_features={dict(cfg.tfds_features)}: expected keys {{text}}, {{text, label}}, "
+                              "{text, text_pair, label} or {tokens, tags}, each mapped to a catalog feature name")
     if cfg.source in ("conll", "delimited", "text") and not cfg.splits:
         raise ConfigError(f"data.splits is empty: data.source={cfg.source} needs split -> file entries, "
                           "e.g. {train: sst2/train.tsv, validation: sst2/dev.tsv}")
@@ -118,9 +126,12 @@ def check_config(cfg: DataConfig, task: str) -> None:
         for key in ("num_train", "num_validation"):
             if getattr(cfg.synthetic, key) <= 0:
                 raise ConfigError(f"data.synthetic.{key}={getattr(cfg.synthetic, key)}: expected a positive count")
-    _choice("tag_scheme", cfg.tag_scheme, TAG_SCHEMES)
+    if cfg.tag_scheme is not None:
+        _choice("tag_scheme", cfg.tag_scheme, TAG_SCHEMES)
     if cfg.convert_tag_scheme is not None:
         _choice("convert_tag_scheme", cfg.convert_tag_scheme, TAG_SCHEMES)
+        if cfg.tag_scheme is None:
+            raise ConfigError("data.convert_tag_scheme is set but data.tag_scheme is null (plain tags cannot be converted)")
     if cfg.separator not in (None, " ", "\t"):
         raise ConfigError(f"data.separator={cfg.separator!r}: expected ' ', '\\t' or null (any whitespace)")
     if not 0.0 <= cfg.validation_fraction < 1.0:

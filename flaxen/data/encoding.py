@@ -1,0 +1,195 @@
+"""From records to model rows: special tokens, truncation, word -> sub-token labels, masking, LM
+windows, and padding rows into batches of a few bucket lengths.
+
+Why here and not in the loaders: each function is pure (a record, or ids and a numpy Generator, in;
+numpy arrays out), so tests check them against independent references one at a time.
+
+Rows (unpadded, int32 arrays of one length T'):
+  seq_cls    input_ids, token_type_ids, labels (scalar; float32 for regression)
+  token_cls  input_ids, token_type_ids, labels [T'] (-100 but on each word's first sub-token), word_count
+  mlm        input_ids (masked), token_type_ids, labels [T'] (-100 but at masked positions)
+  clm        input_ids, labels [T'] (the next token)
+`collate` pads rows to the smallest bucket length >= the longest row and to `batch_size` rows,
+adds attention_mask and `valid`, and returns the batch contract of flaxen's training loop.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from flaxen.data.tokenizers import Template, Tokenizer
+
+IGNORE_INDEX = -100
+
+
+def truncate_pair(length_a: int, length_b: int, budget: int) -> tuple[int, int]:
+    """Lengths kept of a pair under `budget` tokens, as Hugging Face's `longest_first` strategy: only
+    the longer is cut when that suffices, else both to half the budget (the extra one to the second)."""
+    if length_a + length_b <= budget:
+        return length_a, length_b
+    swap = length_a > length_b
+    short, long = (length_b, length_a) if swap else (length_a, length_b)
+    long = short if short > budget else max(short, budget - short)
+    if short + long > budget:
+        short = budget // 2
+        long = short + budget % 2
+    return (long, short) if swap else (short, long)
+
+
+def _with_template(template: Template, a: Sequence[int], b: Optional[Sequence[int]] = None):
+    ids, types, special = [], [], []
+
+    def add_special(parts):
+        for token, type_id in parts:
+            ids.append(token)
+            types.append(type_id)
+            special.append(True)
+
+    add_special(template.prefix)
+    ids.extend(a)
+    types.extend([template.type_a] * len(a))
+    special.extend([False] * len(a))
+    if b is not None:
+        add_special(template.middle)
+        ids.extend(b)
+        types.extend([template.type_b] * len(b))
+        special.extend([False] * len(b))
+    add_special(template.suffix)
+    return ids, types, special
+
+
+def classification_row(tokenizer: Tokenizer, record: dict, max_length: int, regression: bool) -> dict:
+    """[CLS] text [SEP] (text_pair [SEP]) cut to `max_length` tokens (longest_first)."""
+    a = tokenizer.encode(record["text"])
+    pair = record.get("text_pair") or ""
+    if pair:
+        b = tokenizer.encode(pair)
+        template = tokenizer.pair_template
+        keep_a, keep_b = truncate_pair(len(a), len(b), max(max_length - template.num_special, 0))
+        ids, types, _ = _with_template(template, a[:keep_a], b[:keep_b])
+    else:
+        template = tokenizer.single_template
+        ids, types, _ = _with_template(template, a[:max(max_length - template.num_special, 0)])
+    label = np.float32(record["label"]) if regression else np.int32(record["label"])
+    return {"input_ids": np.asarray(ids, np.int32), "token_type_ids": np.asarray(types, np.int32), "labels": label}
+
+
+def tagging_row(tokenizer: Tokenizer, record: dict, max_length: int) -> dict:
+    """Words -> sub-tokens; each word's tag id on its first sub-token, -100 on the others and on
+    special tokens. A word the tokenizer maps to nothing becomes the unknown token, so every word
+    keeps a position; words past `max_length` are cut (counted in `word_count`)."""
+    template = tokenizer.single_template
+    budget = max(max_length - template.num_special, 0)
+    ids, labels = [], []
+    for word, tag in zip(record["tokens"], record["tags"]):
+        if len(ids) >= budget:
+            break
+        pieces = tokenizer.word_pieces(word)
+        if not pieces:
+            if tokenizer.unk_token_id is None:
+                raise ValueError(f"word {word!r} has no sub-tokens and the tokenizer has no unknown token")
+            pieces = [tokenizer.unk_token_id]
+        pieces = pieces[:budget - len(ids)]
+        ids.extend(pieces)
+        labels.append(tag)
+        labels.extend([IGNORE_INDEX] * (len(pieces) - 1))
+    all_ids, types, special = _with_template(template, ids)
+    label_row = np.full(len(all_ids), IGNORE_INDEX, np.int32)
+    label_row[~np.asarray(special, bool)] = labels
+    return {"input_ids": np.asarray(all_ids, np.int32), "token_type_ids": np.asarray(types, np.int32),
+            "labels": label_row, "word_count": np.int32(len(record["tokens"]))}
+
+
+def pack(sequences: Sequence[Sequence[int]], budget: int) -> list[list[int]]:
+    """Consecutive sequences joined greedily into rows of at most `budget` ids; a sequence longer
+    than `budget` is split into `budget`-sized pieces, each its own row."""
+    rows, current = [], []
+    for ids in sequences:
+        if not len(ids):
+            continue
+        if len(ids) > budget:
+            if current:
+                rows.append(current)
+                current = []
+            rows.extend(list(ids[start:start + budget]) for start in range(0, len(ids), budget))
+        elif len(current) + len(ids) > budget:
+            rows.append(current)
+            current = list(ids)
+        else:
+            current.extend(ids)
+    if current:
+        rows.append(current)
+    return rows
+
+
+def mlm_row(tokenizer: Tokenizer, content: Sequence[int], rng: np.random.Generator, probability: float,
+            random_ids: np.ndarray) -> dict:
+    """[CLS] content [SEP] with BERT's masking: each content token is chosen with `probability`; a
+    chosen token becomes [MASK] (80 %), a random non-special token (10 %) or stays (10 %); labels
+    hold the original id at chosen positions and -100 elsewhere."""
+    ids, types, special = _with_template(tokenizer.single_template, content)
+    ids = np.asarray(ids, np.int32)
+    maskable = ~np.asarray(special, bool)
+    chosen = (rng.random(len(ids)) < probability) & maskable
+    labels = np.where(chosen, ids, IGNORE_INDEX).astype(np.int32)
+    action = rng.random(len(ids))
+    masked = ids.copy()
+    masked[chosen & (action < 0.8)] = tokenizer.mask_token_id
+    replace = chosen & (action >= 0.8) & (action < 0.9)
+    masked[replace] = random_ids[rng.integers(0, len(random_ids), len(ids))][replace]
+    return {"input_ids": masked, "token_type_ids": np.asarray(types, np.int32), "labels": labels}
+
+
+def clm_row(stream: np.ndarray, start: int, length: int) -> dict:
+    """input_ids = stream[start:start+length], labels = the token after each (-100 past the end)."""
+    inputs = stream[start:start + length]
+    targets = stream[start + 1:start + length + 1]
+    labels = np.full(len(inputs), IGNORE_INDEX, np.int32)
+    labels[:len(targets)] = targets
+    return {"input_ids": inputs.astype(np.int32), "labels": labels}
+
+
+class Padding:
+    """Marks a padding row (an eval split's last batch is filled up with these)."""
+
+
+PADDING = Padding()
+
+
+def collate(rows: Sequence, batch_size: int, buckets: Sequence[int], pad_id: int, task: str) -> dict:
+    """Rows -> the batch contract: [batch_size, T] arrays, T the smallest bucket >= the longest row;
+    `valid` is 1 for real rows and 0 for padding rows (attention_mask 0, labels -100)."""
+    real = [row for row in rows if row is not PADDING]
+    longest = max((len(row["input_ids"]) for row in real), default=1)
+    length = next((b for b in buckets if b >= longest), None)
+    if length is None:
+        raise ValueError(f"a row of {longest} tokens exceeds the largest bucket length {buckets[-1]}")
+    batch = {"input_ids": np.full((batch_size, length), pad_id, np.int32),
+             "attention_mask": np.zeros((batch_size, length), np.int32)}
+    if task != "clm":
+        batch["token_type_ids"] = np.zeros((batch_size, length), np.int32)
+    regression = task == "seq_cls" and real and np.asarray(real[0]["labels"]).dtype.kind == "f"
+    if task == "seq_cls":
+        batch["labels"] = np.full(batch_size, IGNORE_INDEX, np.float32 if regression else np.int32)
+    else:
+        batch["labels"] = np.full((batch_size, length), IGNORE_INDEX, np.int32)
+    if task == "token_cls":
+        batch["word_count"] = np.zeros(batch_size, np.int32)
+    batch["valid"] = np.zeros(batch_size, np.int32)
+    for index, row in enumerate(rows):
+        if row is PADDING:
+            continue
+        n = len(row["input_ids"])
+        batch["input_ids"][index, :n] = row["input_ids"]
+        batch["attention_mask"][index, :n] = 1
+        if "token_type_ids" in batch:
+            batch["token_type_ids"][index, :n] = row["token_type_ids"]
+        if task == "seq_cls":
+            batch["labels"][index] = row["labels"]
+        else:
+            batch["labels"][index, :n] = row["labels"]
+        if task == "token_cls":
+            batch["word_count"][index] = row["word_count"]
+        batch["valid"][index] = 1
+    return batch

@@ -1,0 +1,202 @@
+"""Parsing raw local files (CoNLL columns, TSV/CSV/JSONL rows, plain text) into records.
+
+Why: every mistake in a raw file must stop the run with the file and line that caused it (never a
+silent skip), before anything is written to the prepared-data directory. The parsers here hold the
+whole split in memory (the largest, SST-2's train.tsv, is 4 MB) and return plain records:
+
+  tagging:        {"tokens": [str, ...], "tags": [str, ...]}     one per sentence
+  classification: {"text": str, "text_pair": str, "label": str}  one per row (text_pair "" if none)
+  text:           one str, the whole file
+
+Labels stay strings here; the builder turns them into ids once the label set is known.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from typing import Collection, Optional
+
+from flaxen.data import tags as tag_schemes
+from flaxen.errors import DataError
+
+DOCSTART = "-DOCSTART-"
+
+
+def read_text(path: str, what: str) -> str:
+    """The file decoded as UTF-8 (a leading BOM dropped); DataError naming the line of a bad byte."""
+    if not os.path.isfile(path):
+        raise DataError(f"{what}: file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DataError(f"{path}:{line}: bytes that are not UTF-8 at column {column} "
+                        f"({data[error.start:error.end]!r}); re-encode the file as UTF-8") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _lines(text: str):
+    """(line number, line without its end-of-line) for every line of `text`."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for number, line in enumerate(lines, 1):
+        yield number, line[:-1] if line.endswith("\r") else line
+
+
+def _not_allowed(path: str, line: int, kind: str, value: str, allowed: Collection[str], origin: str) -> DataError:
+    shown = sorted(allowed)
+    listing = ", ".join(shown[:20]) + (" ..." if len(shown) > 20 else "")
+    return DataError(f"{path}:{line}: {kind} {value!r} is not in {origin} ({listing})")
+
+
+def parse_conll(path: str, *, token_column: int, tag_column: int, separator: Optional[str],
+                tag_scheme: Optional[str], allowed: Optional[Collection[str]] = None,
+                allowed_origin: str = "data.label_names") -> list[dict]:
+    """Sentences of a CoNLL-style file: one token per line, columns split by `separator` (None: any
+    whitespace), whitespace-only lines end a sentence, `-DOCSTART-` lines are skipped. Every token
+    line must have as many columns as the file's first one."""
+    text = read_text(path, "CoNLL file")
+    sentences, tokens, tags = [], [], []
+    expected, first_line = None, 0
+    for number, line in _lines(text):
+        if not line.strip():
+            if tokens:
+                sentences.append({"tokens": tokens, "tags": tags})
+                tokens, tags = [], []
+            continue
+        fields = line.split() if separator is None else line.rstrip().split(separator)
+        if expected is None:
+            expected, first_line = len(fields), number
+            for key, index in (("token_column", token_column), ("tag_column", tag_column)):
+                if not -expected <= index < expected:
+                    raise DataError(f"{path}:{number}: data.{key}={index} but the line has {expected} columns")
+        if len(fields) != expected:
+            how = "whitespace" if separator is None else ("tab" if separator == "\t" else "space")
+            raise DataError(f"{path}:{number}: expected {expected} {how}-separated columns (as on line "
+                            f"{first_line}), found {len(fields)}: {line!r}")
+        token, tag = fields[token_column], fields[tag_column]
+        if token == DOCSTART:
+            if tokens:
+                sentences.append({"tokens": tokens, "tags": tags})
+                tokens, tags = [], []
+            continue
+        if allowed is not None:
+            if tag not in allowed:
+                raise _not_allowed(path, number, "tag", tag, allowed, allowed_origin)
+        elif tag_scheme is not None and not tag_schemes.is_iob_tag(tag):
+            raise DataError(f"{path}:{number}: tag {tag!r} is not an {tag_scheme} tag (O, B-TYPE or I-TYPE); "
+                            "set data.tag_scheme=null for plain tags")
+        tokens.append(token)
+        tags.append(tag)
+    if tokens:
+        sentences.append({"tokens": tokens, "tags": tags})
+    if not sentences:
+        raise DataError(f"{path}: no sentences found (an empty split)")
+    return sentences
+
+
+def _column_index(path: str, key: str, column: str, header: Optional[list[str]]) -> int:
+    if header is not None and column in header:
+        return header.index(column)
+    if column.lstrip("-").isdigit():
+        return int(column)
+    if header is None:
+        raise DataError(f"{path}: data.{key} names column {column!r} but data.header=false; use a column index")
+    raise DataError(f"{path}:1: data.{key} names column {column!r}, not in the header {header}")
+
+
+def parse_delimited(path: str, *, format: str, header: bool, text_columns: list[str],
+                    label_column: Optional[str], regression: bool,
+                    allowed: Optional[Collection[str]] = None, allowed_origin: str = "data.label_names") -> list[dict]:
+    """Rows of a TSV (tab-separated, no quoting, as GLUE ships), CSV (RFC 4180 quoting) or JSONL file.
+    Columns are header names (TSV/CSV with a header, JSONL keys) or 0-based indices."""
+    text = read_text(path, f"{format.upper()} file")
+    rows = []
+    if format == "jsonl":
+        for number, line in _lines(text):
+            if not line.strip():
+                raise DataError(f"{path}:{number}: empty line (one JSON object per line expected)")
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, found {type(row).__name__}")
+            rows.append((number, row))
+        keys = None
+    else:
+        if format == "tsv":
+            records = [(number, line.split("\t")) for number, line in _lines(text)]
+        else:
+            reader = csv.reader(io.StringIO(text, newline=""))
+            records, start = [], 1
+            try:
+                for fields in reader:
+                    records.append((start, fields))
+                    start = reader.line_num + 1
+            except csv.Error as error:
+                raise DataError(f"{path}:{reader.line_num}: malformed CSV ({error})") from None
+        keys = None
+        if header:
+            if not records:
+                raise DataError(f"{path}: empty file (a header line was expected; data.header=true)")
+            keys = records[0][1]
+            records = records[1:]
+        width = len(keys) if keys is not None else (len(records[0][1]) if records else 0)
+        for number, fields in records:
+            if len(fields) != width:
+                shown = "a header" if keys is not None else "line 1"
+                raise DataError(f"{path}:{number}: expected {width} {format.upper()} fields (as in {shown}), "
+                                f"found {len(fields)}")
+        rows = records
+    if not rows:
+        raise DataError(f"{path}: no rows found (an empty split)")
+    if format == "jsonl":
+        def get(number, row, key, column):
+            if column not in row:
+                raise DataError(f"{path}:{number}: no key {column!r} (data.{key}); keys are {sorted(row)}")
+            value = row[column]
+            return value if isinstance(value, str) else json.dumps(value)
+    else:
+        indices = {column: _column_index(path, key, column, keys)
+                   for key, column in [("text_columns", c) for c in text_columns] + [("label_column", label_column)]
+                   if column is not None}
+        width = len(rows[0][1])
+        for column, index in indices.items():
+            if not -width <= index < width:
+                raise DataError(f"{path}: column {column!r} is out of range: rows have {width} fields")
+
+        def get(number, row, key, column):
+            return row[indices[column]]
+    out = []
+    for number, row in rows:
+        record = {"text": get(number, row, "text_columns", text_columns[0]),
+                  "text_pair": get(number, row, "text_columns", text_columns[1]) if len(text_columns) > 1 else ""}
+        if label_column is not None:
+            label = get(number, row, "label_column", label_column).strip()
+            if regression:
+                try:
+                    float(label)
+                except ValueError:
+                    raise DataError(f"{path}:{number}: label {label!r} is not a number (data.regression=true)") from None
+            elif not label:
+                raise DataError(f"{path}:{number}: empty label in column {label_column!r}")
+            elif allowed is not None and label not in allowed:
+                raise _not_allowed(path, number, "label", label, allowed, allowed_origin)
+            record["label"] = label
+        out.append(record)
+    return out
+
+
+def sorted_labels(values: Collection[str]) -> list[str]:
+    """Labels in numeric order when all are integers (so '10' follows '9'), else in string order."""
+    values = set(values)
+    if all(v.lstrip("-").isdigit() for v in values):
+        return sorted(values, key=int)
+    return sorted(values)
