@@ -6,6 +6,20 @@ Knows nothing about training. Public surface:
     generate(model, input_ids, ...), minilm_path()
 """
 from models.config import FAMILIES, HEADS, ModelConfig
+from models.generation import generate
+from models.hf import load_pretrained, save_pretrained
 from models.model import Model, ModelOutput, build_model
+from models.pretrained import minilm_path
 
-__all__ = ["FAMILIES", "HEADS", "ModelConfig", "Model", "ModelOutput", "build_model"]
+__all__ = [
+    "FAMILIES",
+    "HEADS",
+    "ModelConfig",
+    "Model",
+    "ModelOutput",
+    "build_model",
+    "load_pretrained",
+    "save_pretrained",
+    "generate",
+    "minilm_path",
+]

@@ -16,7 +16,7 @@ from flax import nnx
 def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
     """An `nnx.Param` annotated with logical axis names (one per dimension)."""
     assert len(axes) == value.ndim, (axes, value.shape)
-    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def _shape(features: int | Sequence[int]) -> tuple[int, ...]:

@@ -1,0 +1,586 @@
+"""Hugging Face model directories in and out: config.json mapping and weight layout.
+
+Why: researchers start from public checkpoints and hand results back to PyTorch users, so a local
+Hugging Face directory (config.json + model.safetensors, or pytorch_model.bin when torch is
+installed) must load into a flaxen `Model` with the same numbers, and `save_pretrained` must write a
+directory that `transformers.AutoModel...from_pretrained` loads with no missing or unexpected keys.
+No PyTorch is needed at run time: safetensors are read and written through numpy.
+
+Layout (HF tensor -> flaxen parameter): Linear weights [out, in] are transposed into kernels
+[*in, *out] (attention kernels keep heads explicit: query [embed, heads, head_dim], output
+[heads, head_dim, embed]); GPT-2's Conv1D weights are already [in, out] and its fused `c_attn`
+[embed, 3 * embed] splits into query/key/value. The conversions are reshapes, transposes and
+slices only, so load -> save -> load is bit-identical.
+
+Config fields that the architecture does not use but the Hugging Face world does (bos/eos/pad token
+ids, id2label) are kept on the model as `model.hf_metadata`, a tuple of (key, value) pairs, and
+written back by `save_pretrained`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from typing import Optional, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flaxen.errors import CheckpointError, ConfigError
+from models.config import ModelConfig
+from models.model import SUPPORTED_HEADS, Model
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("bert", "gpt2")
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+TORCH_FILE = "pytorch_model.bin"
+
+ARCHITECTURES = {
+    ("bert", None): "BertModel",
+    ("bert", "mlm"): "BertForMaskedLM",
+    ("bert", "seq_cls"): "BertForSequenceClassification",
+    ("bert", "token_cls"): "BertForTokenClassification",
+    ("gpt2", None): "GPT2Model",
+    ("gpt2", "causal_lm"): "GPT2LMHeadModel",
+    ("gpt2", "seq_cls"): "GPT2ForSequenceClassification",
+    ("gpt2", "token_cls"): "GPT2ForTokenClassification",
+}
+BACKBONE_PREFIX = {"bert": "bert.", "gpt2": "transformer."}
+ACTIVATIONS = {"bert": ("gelu",), "gpt2": ("gelu_new", "gelu_pytorch_tanh")}
+IGNORED_WEIGHTS = re.compile(
+    r"^((bert\.)?embeddings\.position_ids|(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight"
+    r"|cls\.predictions\.decoder\.(weight|bias))$"
+)
+OVERRIDABLE = ("dtype", "remat", "hidden_dropout", "attention_dropout", "classifier_dropout", "initializer_range")
+METADATA_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "id2label")
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def _require(hf: dict, key: str, source: str):
+    if key not in hf or hf[key] is None:
+        raise CheckpointError(f"{source}: required key {key!r} is missing")
+    return hf[key]
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """A Hugging Face config.json mapping (model_type 'bert' or 'gpt2') -> ModelConfig."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{source}: model_type={model_type!r} is not supported; supported model types: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    activation_key = "hidden_act" if model_type == "bert" else "activation_function"
+    activation = hf.get(activation_key, ACTIVATIONS[model_type][0])
+    if activation not in ACTIVATIONS[model_type]:
+        raise CheckpointError(
+            f"{source}: {activation_key}={activation!r} is not supported for {model_type}; expected one of "
+            f"{', '.join(ACTIVATIONS[model_type])}"
+        )
+    if hf.get("add_cross_attention"):
+        raise CheckpointError(f"{source}: add_cross_attention=true is not supported (flaxen has no cross-attention)")
+    if model_type == "bert":
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise CheckpointError(
+                f"{source}: position_embedding_type={hf['position_embedding_type']!r} is not supported; "
+                "expected 'absolute'"
+            )
+        if hf.get("is_decoder"):
+            raise CheckpointError(f"{source}: is_decoder=true (causal BERT) is not supported")
+        return ModelConfig(
+            family="bert",
+            vocab_size=_require(hf, "vocab_size", source),
+            hidden_size=_require(hf, "hidden_size", source),
+            num_layers=_require(hf, "num_hidden_layers", source),
+            num_heads=_require(hf, "num_attention_heads", source),
+            intermediate_size=_require(hf, "intermediate_size", source),
+            max_position_embeddings=hf.get("max_position_embeddings", 512),
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+            hidden_dropout=float(hf.get("hidden_dropout_prob", 0.1)),
+            attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)),
+            classifier_dropout=hf.get("classifier_dropout"),
+            pad_token_id=hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0,
+            initializer_range=float(hf.get("initializer_range", 0.02)),
+        )
+    if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+        raise CheckpointError(
+            f"{source}: only scale_attn_weights=true and scale_attn_by_inverse_layer_idx=false are supported"
+        )
+    hidden = _require(hf, "n_embd", source)
+    pad = hf.get("pad_token_id")
+    return ModelConfig(
+        family="gpt2",
+        vocab_size=_require(hf, "vocab_size", source),
+        hidden_size=hidden,
+        num_layers=_require(hf, "n_layer", source),
+        num_heads=_require(hf, "n_head", source),
+        intermediate_size=hf.get("n_inner") or 4 * hidden,
+        max_position_embeddings=hf.get("n_positions", 1024),
+        layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        hidden_dropout=float(hf.get("resid_pdrop", 0.1)),
+        attention_dropout=float(hf.get("attn_pdrop", 0.1)),
+        classifier_dropout=hf.get("classifier_dropout"),
+        pad_token_id=pad if pad is not None else (hf.get("eos_token_id") if isinstance(hf.get("eos_token_id"), int) else 0),
+        initializer_range=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+    """ModelConfig -> the architecture part of a Hugging Face config.json (no head, no labels)."""
+    if config.family == "bert":
+        return {
+            "model_type": "bert",
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_heads,
+            "intermediate_size": config.intermediate_size,
+            "hidden_act": "gelu",
+            "max_position_embeddings": config.max_position_embeddings,
+            "type_vocab_size": config.type_vocab_size,
+            "layer_norm_eps": config.layer_norm_eps,
+            "hidden_dropout_prob": config.hidden_dropout,
+            "attention_probs_dropout_prob": config.attention_dropout,
+            "classifier_dropout": config.classifier_dropout,
+            "position_embedding_type": "absolute",
+            "pad_token_id": config.pad_token_id,
+            "initializer_range": config.initializer_range,
+            "tie_word_embeddings": True,
+        }
+    return {
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_embd": config.hidden_size,
+        "n_layer": config.num_layers,
+        "n_head": config.num_heads,
+        "n_inner": config.intermediate_size,
+        "n_positions": config.max_position_embeddings,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "resid_pdrop": config.hidden_dropout,
+        "embd_pdrop": config.hidden_dropout,
+        "attn_pdrop": config.attention_dropout,
+        "classifier_dropout": config.classifier_dropout,
+        "pad_token_id": config.pad_token_id,
+        "initializer_range": config.initializer_range,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+    }
+
+
+# ----------------------------------------------------------------------------- weight layout
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One Hugging Face tensor and the flaxen parameter(s) it fills.
+
+    kind: 'copy' (same layout), 'linear' (torch Linear [out, in]), 'conv1d' (GPT-2 Conv1D [in, out]);
+    several `params` split the tensor's last axis equally (GPT-2's fused c_attn). `aliases` are older
+    names for the same tensor (LayerNorm gamma/beta).
+    """
+
+    name: str
+    params: tuple
+    kind: str = "copy"
+    required: bool = True
+    aliases: tuple = ()
+
+
+def _dense(name, path, required=True, kind="linear", bias=True):
+    entries = [Entry(f"{name}.weight", (path + ("kernel",),), kind, required)]
+    if bias:
+        entries.append(Entry(f"{name}.bias", (path + ("bias",),), "copy", required))
+    return entries
+
+
+def _norm(name, path, required=True):
+    return [
+        Entry(f"{name}.weight", (path + ("scale",),), "copy", required, (f"{name}.gamma",)),
+        Entry(f"{name}.bias", (path + ("bias",),), "copy", required, (f"{name}.beta",)),
+    ]
+
+
+def _bert_backbone(config: ModelConfig, prefix: str, pooler: bool) -> list[Entry]:
+    b, p = ("backbone",), prefix
+    entries = [
+        Entry(f"{p}embeddings.word_embeddings.weight", (b + ("embeddings", "word", "embedding"),)),
+        Entry(f"{p}embeddings.position_embeddings.weight", (b + ("embeddings", "position", "embedding"),)),
+        Entry(f"{p}embeddings.token_type_embeddings.weight", (b + ("embeddings", "token_type", "embedding"),)),
+        *_norm(f"{p}embeddings.LayerNorm", b + ("embeddings", "norm")),
+    ]
+    for i in range(config.num_layers):
+        hf, fx = f"{p}encoder.layer.{i}.", b + ("layers", i)
+        for name in ("query", "key", "value"):
+            entries += _dense(f"{hf}attention.self.{name}", fx + ("attention", name))
+        entries += _dense(f"{hf}attention.output.dense", fx + ("attention", "out"))
+        entries += _norm(f"{hf}attention.output.LayerNorm", fx + ("attention_norm",))
+        entries += _dense(f"{hf}intermediate.dense", fx + ("intermediate",))
+        entries += _dense(f"{hf}output.dense", fx + ("output",))
+        entries += _norm(f"{hf}output.LayerNorm", fx + ("output_norm",))
+    if pooler:
+        entries += _dense(f"{p}pooler.dense", b + ("pooler", "dense"), required=False)
+    return entries
+
+
+def _gpt2_backbone(config: ModelConfig, prefix: str) -> list[Entry]:
+    b, p = ("backbone",), prefix
+    entries = [
+        Entry(f"{p}wte.weight", (b + ("word", "embedding"),)),
+        Entry(f"{p}wpe.weight", (b + ("position", "embedding"),)),
+    ]
+    for i in range(config.num_layers):
+        hf, fx = f"{p}h.{i}.", b + ("layers", i)
+        qkv = tuple(fx + ("attention", name) for name in ("query", "key", "value"))
+        entries += _norm(f"{hf}ln_1", fx + ("attention_norm",))
+        entries.append(Entry(f"{hf}attn.c_attn.weight", tuple(q + ("kernel",) for q in qkv), "conv1d"))
+        entries.append(Entry(f"{hf}attn.c_attn.bias", tuple(q + ("bias",) for q in qkv), "copy"))
+        entries += _dense(f"{hf}attn.c_proj", fx + ("attention", "out"), kind="conv1d")
+        entries += _norm(f"{hf}ln_2", fx + ("mlp_norm",))
+        entries += _dense(f"{hf}mlp.c_fc", fx + ("intermediate",), kind="conv1d")
+        entries += _dense(f"{hf}mlp.c_proj", fx + ("output",), kind="conv1d")
+    entries += _norm(f"{p}ln_f", b + ("final_norm",))
+    return entries
+
+
+def _head(family: str, head: Optional[str]) -> list[Entry]:
+    h = ("head",)
+    if head == "mlm":
+        return [
+            *_dense("cls.predictions.transform.dense", h + ("transform",), required=False),
+            *_norm("cls.predictions.transform.LayerNorm", h + ("norm",), required=False),
+            Entry("cls.predictions.bias", (h + ("bias",),), "copy", False, ("cls.predictions.decoder.bias",)),
+        ]
+    if head == "seq_cls":
+        name = "classifier" if family == "bert" else "score"
+        return _dense(name, h + ("dense",), required=False, bias=family == "bert")
+    if head == "token_cls":
+        return _dense("classifier", h + ("dense",), required=False)
+    return []
+
+
+def weight_layout(config: ModelConfig, head: Optional[str], prefix: Optional[str] = None) -> list[Entry]:
+    """Every Hugging Face tensor of `config` with `head`, and the flaxen parameters it fills.
+
+    prefix: the backbone's key prefix ('bert.' / 'transformer.'); by default the one
+    transformers uses for that head ('' for the bare backbone).
+    """
+    if prefix is None:
+        prefix = "" if head is None else BACKBONE_PREFIX[config.family]
+    if config.family == "bert":
+        backbone = _bert_backbone(config, prefix, pooler=head in (None, "seq_cls"))
+    else:
+        backbone = _gpt2_backbone(config, prefix)
+    return backbone + _head(config.family, head)
+
+
+def _split_in_out(path: tuple, shape: tuple) -> tuple[int, int]:
+    """(fan_in, fan_out) of a Dense kernel: the output projection's kernel has two input axes."""
+    n_in = 2 if path[-2] == "out" else 1
+    return math.prod(shape[:n_in]), math.prod(shape[n_in:])
+
+
+def expected_hf_shape(entry: Entry, shapes: Sequence[tuple]) -> tuple:
+    """The shape Hugging Face stores for `entry`, given the flaxen parameter shapes it fills."""
+    if entry.kind == "copy":
+        if len(entry.params) == 1 and len(shapes[0]) == 2 and entry.params[0][-1] == "embedding":
+            return shapes[0]
+        return (sum(math.prod(s) for s in shapes),)
+    fan_in, fan_out = _split_in_out(entry.params[0], shapes[0])
+    fan_out *= len(shapes)
+    return (fan_out, fan_in) if entry.kind == "linear" else (fan_in, fan_out)
+
+
+def to_flaxen(entry: Entry, tensor: np.ndarray, shapes: Sequence[tuple]) -> list[np.ndarray]:
+    """A Hugging Face tensor -> the flaxen parameter arrays of `entry` (shapes already checked)."""
+    if entry.kind == "linear":
+        tensor = tensor.T
+    pieces = np.split(tensor, len(shapes), axis=-1) if len(shapes) > 1 else [tensor]
+    return [np.ascontiguousarray(piece).reshape(shape) for piece, shape in zip(pieces, shapes)]
+
+
+def from_flaxen(entry: Entry, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """The flaxen parameter arrays of `entry` -> the Hugging Face tensor."""
+    if entry.kind == "copy":
+        if len(arrays) == 1 and entry.params[0][-1] == "embedding":
+            return np.ascontiguousarray(arrays[0])
+        return np.ascontiguousarray(np.concatenate([a.reshape(-1) for a in arrays]))
+    fan_in, fan_out = _split_in_out(entry.params[0], arrays[0].shape)
+    tensor = np.concatenate([a.reshape(fan_in, fan_out) for a in arrays], axis=-1)
+    return np.ascontiguousarray(tensor.T if entry.kind == "linear" else tensor)
+
+
+# ----------------------------------------------------------------------------- reading a directory
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
+
+
+def read_weights(path: str) -> tuple[dict[str, np.ndarray], str]:
+    """All tensors of a model directory as numpy arrays, and the file(s) they came from."""
+    single = os.path.join(path, SAFETENSORS_FILE)
+    index = os.path.join(path, SAFETENSORS_INDEX_FILE)
+    torch_file = os.path.join(path, TORCH_FILE)
+    from safetensors.numpy import load_file
+
+    if os.path.isfile(single):
+        try:
+            return load_file(single), single
+        except Exception as error:
+            raise CheckpointError(f"{single}: cannot read safetensors file ({error})") from error
+    if os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: expected a 'weight_map' object naming the shard of every tensor")
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(path, shard)
+            if not os.path.isfile(shard_path):
+                raise CheckpointError(f"{index}: shard file {shard_path} does not exist")
+            tensors.update(load_file(shard_path))
+        return tensors, index
+    if os.path.isfile(torch_file):
+        try:
+            import torch
+        except ImportError as error:
+            raise CheckpointError(
+                f"{torch_file}: reading pytorch_model.bin needs PyTorch, which is not installed; install torch "
+                f"(pip install -e \".[pretrained]\") or convert the checkpoint to {SAFETENSORS_FILE}"
+            ) from error
+        try:
+            state = torch.load(torch_file, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise CheckpointError(f"{torch_file}: cannot read PyTorch checkpoint ({error})") from error
+        return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}, torch_file
+    raise CheckpointError(
+        f"{path}: no weights found; expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX_FILE} or {TORCH_FILE}"
+    )
+
+
+def _variables(model: nnx.Module) -> dict[tuple, nnx.Variable]:
+    """Path -> parameter Variable of the model, with the model's own (mutable) Variable objects."""
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param):
+            out[tuple(path)] = node
+    return out
+
+
+def _check_tied(tensors: dict, name: str, embedding: np.ndarray, source: str):
+    if name in tensors and not np.array_equal(np.asarray(tensors[name], np.float32), embedding):
+        raise CheckpointError(
+            f"{source}: {name} differs from the token embedding; flaxen's output layer is tied to the "
+            "embedding (untied output layers are not supported)"
+        )
+
+
+def _labels(id2label, num_labels: int) -> tuple[str, ...]:
+    if id2label is None:
+        return tuple(f"LABEL_{i}" for i in range(num_labels))
+    if isinstance(id2label, dict):
+        try:
+            mapping = {int(k): str(v) for k, v in id2label.items()}
+        except ValueError as error:
+            raise ConfigError(f"id2label keys must be integer label ids, got {sorted(id2label)}") from error
+        if sorted(mapping) != list(range(len(mapping))):
+            raise ConfigError(f"id2label keys must be 0..{len(mapping) - 1}, got {sorted(mapping)}")
+        return tuple(mapping[i] for i in range(len(mapping)))
+    return tuple(str(v) for v in id2label)
+
+
+def _fresh_value(path: tuple, shape: tuple, std: float, rng: np.random.Generator) -> np.ndarray:
+    """Initial value of a weight absent from a checkpoint, as transformers initialises it:
+    normal(0, initializer_range) kernels, zero biases, unit LayerNorm scales. Drawn with numpy,
+    so filling a new head compiles nothing."""
+    if path[-1] == "kernel":
+        return rng.normal(0.0, std, shape).astype(np.float32)
+    return (np.ones if path[-1] == "scale" else np.zeros)(shape, np.float32)
+
+
+def load_pretrained(path: str | os.PathLike, head: Optional[str] = None, **head_kwargs) -> Model:
+    """Loads a local Hugging Face model directory into a flaxen `Model`.
+
+    head: None (bare encoder/decoder), 'mlm', 'causal_lm', 'seq_cls' or 'token_cls'. Head weights
+    (and BERT's pooler) absent from the checkpoint are freshly initialised and listed in one log
+    line. Keyword arguments: num_labels, id2label (dict or list; for the classification heads),
+    seed (initialisation of absent weights, default 0), and the config fields that do not change
+    parameter shapes: dtype, remat, hidden_dropout, attention_dropout, classifier_dropout,
+    initializer_range.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"model directory {path} does not exist")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a directory; expected a Hugging Face model directory")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"{path}: no config.json; expected a Hugging Face model directory")
+    hf = _read_json(config_file)
+    config = config_from_hf(hf, config_file)
+
+    head_kwargs = dict(head_kwargs)
+    num_labels = head_kwargs.pop("num_labels", None)
+    id2label = head_kwargs.pop("id2label", None)
+    seed = head_kwargs.pop("seed", 0)
+    unknown = sorted(set(head_kwargs) - set(OVERRIDABLE))
+    if unknown:
+        raise ConfigError(
+            f"load_pretrained: unknown keyword argument(s) {', '.join(unknown)}; expected num_labels, id2label, "
+            f"seed or one of {', '.join(OVERRIDABLE)}"
+        )
+    config = dataclasses.replace(config, **head_kwargs)
+    if head not in SUPPORTED_HEADS[config.family]:
+        supported = ", ".join(repr(h) for h in SUPPORTED_HEADS[config.family])
+        raise ConfigError(f"head={head!r} is not available for model_type {hf['model_type']!r}; expected one of {supported}")
+    if head in ("mlm", "causal_lm") and hf.get("tie_word_embeddings", True) is False:
+        raise CheckpointError(f"{config_file}: tie_word_embeddings=false is not supported (flaxen ties the LM head)")
+
+    labels = None
+    if head in ("seq_cls", "token_cls"):
+        stored = _labels(hf["id2label"], 0) if isinstance(hf.get("id2label"), dict) else None
+        if id2label is not None:
+            labels = _labels(id2label, 0)
+            if num_labels is not None and num_labels != len(labels):
+                raise ConfigError(f"num_labels={num_labels} but id2label names {len(labels)} labels")
+        elif num_labels is not None:
+            labels = stored if stored is not None and len(stored) == num_labels else _labels(None, num_labels)
+        elif stored is not None:
+            labels = stored
+        else:
+            labels = _labels(None, int(hf.get("num_labels", 2)))
+        num_labels = len(labels)
+    elif num_labels is not None or id2label is not None:
+        raise ConfigError(f"num_labels/id2label apply to heads 'seq_cls' and 'token_cls', not head={head!r}")
+
+    tensors, source = read_weights(path)
+    model = nnx.eval_shape(lambda: Model(config, head, num_labels if num_labels is not None else 2, rngs=nnx.Rngs(0)))
+    variables = _variables(model)
+
+    prefix = BACKBONE_PREFIX[config.family]
+    first = "embeddings.word_embeddings.weight" if config.family == "bert" else "wte.weight"
+    if prefix + first not in tensors:
+        prefix = ""
+    layout = weight_layout(config, head, prefix)
+    used, fresh = set(), []
+    for entry in layout:
+        name = next((n for n in (entry.name, *entry.aliases) if n in tensors), None)
+        targets = [variables[p] for p in entry.params]
+        if name is None:
+            if entry.required:
+                raise CheckpointError(f"{source}: required weight {entry.name!r} is missing from the checkpoint")
+            fresh += entry.params
+            continue
+        shapes = [tuple(t.shape) for t in targets]
+        tensor = np.asarray(tensors[name])
+        expected = expected_hf_shape(entry, shapes)
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(
+                f"{source}: weight {name!r} has shape {tuple(tensor.shape)} but the config "
+                f"({config_file}) expects {expected}"
+            )
+        for target, value in zip(targets, to_flaxen(entry, tensor.astype(np.float32, copy=False), shapes)):
+            target.set_value(jnp.asarray(value))
+        used.add(name)
+
+    if fresh:
+        rng = np.random.default_rng(seed)
+        for p in fresh:
+            variables[p].set_value(jnp.asarray(_fresh_value(p, variables[p].shape, config.initializer_range, rng)))
+        logger.warning("%s: freshly initialised (not in the checkpoint): %s", path,
+                       ", ".join(".".join(map(str, p)) for p in fresh))
+    embedding = np.asarray(variables[(
+        "backbone", "embeddings", "word", "embedding") if config.family == "bert" else ("backbone", "word", "embedding")
+    ][...])
+    _check_tied(tensors, "lm_head.weight", embedding, source)
+    _check_tied(tensors, "cls.predictions.decoder.weight", embedding, source)
+    unused = sorted(k for k in tensors if k not in used and not IGNORED_WEIGHTS.match(k))
+    if unused:
+        logger.info("%s: checkpoint weights not used by head=%r: %s", path, head, ", ".join(unused))
+
+    metadata = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
+    if labels is not None:
+        metadata["id2label"] = labels
+    model.hf_metadata = tuple(sorted(metadata.items()))
+    return model
+
+
+# ----------------------------------------------------------------------------- writing a directory
+
+
+def _hf_config(model: Model, id2label) -> dict:
+    config, head = model.config, model.head_name
+    hf = {"architectures": [ARCHITECTURES[(config.family, head)]], **config_to_hf(config), "dtype": "float32"}
+    metadata = dict(getattr(model, "hf_metadata", ()))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key in metadata:
+            hf[key] = metadata[key]
+    if head in ("seq_cls", "token_cls"):
+        labels = _labels(id2label if id2label is not None else metadata.get("id2label"), model.num_labels)
+        if len(labels) != model.num_labels:
+            raise ConfigError(f"id2label names {len(labels)} labels but the model's head has {model.num_labels}")
+        hf["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        hf["label2id"] = {name: i for i, name in enumerate(labels)}
+    return hf
+
+
+def state_dict(model: Model) -> dict[str, np.ndarray]:
+    """The model's parameters as a Hugging Face state dict (names and layouts of transformers)."""
+    variables = _variables(model)
+    return {
+        entry.name: from_flaxen(entry, [np.asarray(variables[p][...], np.float32) for p in entry.params])
+        for entry in weight_layout(model.config, model.head_name)
+    }
+
+
+def save_pretrained(model: Model, path: str | os.PathLike, *, id2label=None, tokenizer=None) -> str:
+    """Writes config.json + model.safetensors in Hugging Face layout; returns the directory.
+
+    `transformers.AutoModel...from_pretrained(path)` loads the result with no missing or
+    unexpected keys. id2label (dict or list) overrides the labels kept from loading; a
+    `tokenizer` (transformers tokenizer) is saved alongside. Files are written to a temporary
+    directory first and moved into place, so a failure leaves an earlier save untouched.
+    """
+    from safetensors.numpy import save_file
+
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"save_pretrained: {path} exists and is not a directory")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    config = _hf_config(model, id2label)
+    tensors = state_dict(model)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        save_file(tensors, os.path.join(staging, SAFETENSORS_FILE), metadata={"format": "pt"})
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if not os.path.exists(path):
+            os.rename(staging, path)
+            return path
+        for name in sorted(os.listdir(staging), key=lambda n: n == "config.json"):
+            os.replace(os.path.join(staging, name), os.path.join(path, name))
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+    return path
