@@ -28,6 +28,7 @@ import shutil
 import tempfile
 from typing import Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -60,7 +61,7 @@ IGNORED_WEIGHTS = re.compile(
     r"|cls\.predictions\.decoder\.(weight|bias))$"
 )
 OVERRIDABLE = ("dtype", "remat", "hidden_dropout", "attention_dropout", "classifier_dropout", "initializer_range")
-METADATA_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "id2label")
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -440,6 +441,8 @@ def load_pretrained(path: str | os.PathLike, head: Optional[str] = None, **head_
     num_labels = head_kwargs.pop("num_labels", None)
     id2label = head_kwargs.pop("id2label", None)
     seed = head_kwargs.pop("seed", 0)
+    if num_labels is not None and (not isinstance(num_labels, int) or num_labels < 1):
+        raise ConfigError(f"num_labels must be a positive integer, got {num_labels!r}")
     unknown = sorted(set(head_kwargs) - set(OVERRIDABLE))
     if unknown:
         raise ConfigError(
@@ -467,6 +470,8 @@ def load_pretrained(path: str | os.PathLike, head: Optional[str] = None, **head_
         else:
             labels = _labels(None, int(hf.get("num_labels", 2)))
         num_labels = len(labels)
+        if num_labels < 1:
+            raise ConfigError(f"head={head!r} needs at least one label, got id2label={id2label!r}")
     elif num_labels is not None or id2label is not None:
         raise ConfigError(f"num_labels/id2label apply to heads 'seq_cls' and 'token_cls', not head={head!r}")
 
@@ -506,16 +511,17 @@ def load_pretrained(path: str | os.PathLike, head: Optional[str] = None, **head_
             variables[p].set_value(jnp.asarray(_fresh_value(p, variables[p].shape, config.initializer_range, rng)))
         logger.warning("%s: freshly initialised (not in the checkpoint): %s", path,
                        ", ".join(".".join(map(str, p)) for p in fresh))
-    embedding = np.asarray(variables[(
-        "backbone", "embeddings", "word", "embedding") if config.family == "bert" else ("backbone", "word", "embedding")
-    ][...])
+    abstract = [".".join(map(str, p)) for p, v in variables.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+    assert not abstract, f"weight layout does not cover {abstract}"
+    word = ("backbone", "embeddings", "word", "embedding") if config.family == "bert" else ("backbone", "word", "embedding")
+    embedding = np.asarray(variables[word][...])
     _check_tied(tensors, "lm_head.weight", embedding, source)
     _check_tied(tensors, "cls.predictions.decoder.weight", embedding, source)
     unused = sorted(k for k in tensors if k not in used and not IGNORED_WEIGHTS.match(k))
     if unused:
         logger.info("%s: checkpoint weights not used by head=%r: %s", path, head, ", ".join(unused))
 
-    metadata = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
+    metadata = {k: tuple(hf[k]) if isinstance(hf[k], list) else hf[k] for k in TOKEN_ID_KEYS if k in hf}
     if labels is not None:
         metadata["id2label"] = labels
     model.hf_metadata = tuple(sorted(metadata.items()))
@@ -529,9 +535,9 @@ def _hf_config(model: Model, id2label) -> dict:
     config, head = model.config, model.head_name
     hf = {"architectures": [ARCHITECTURES[(config.family, head)]], **config_to_hf(config), "dtype": "float32"}
     metadata = dict(getattr(model, "hf_metadata", ()))
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    for key in TOKEN_ID_KEYS:
         if key in metadata:
-            hf[key] = metadata[key]
+            hf[key] = list(metadata[key]) if isinstance(metadata[key], tuple) else metadata[key]
     if head in ("seq_cls", "token_cls"):
         labels = _labels(id2label if id2label is not None else metadata.get("id2label"), model.num_labels)
         if len(labels) != model.num_labels:
@@ -569,6 +575,7 @@ def save_pretrained(model: Model, path: str | os.PathLike, *, id2label=None, tok
     tensors = state_dict(model)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
+        os.chmod(staging, 0o755)
         save_file(tensors, os.path.join(staging, SAFETENSORS_FILE), metadata={"format": "pt"})
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
