@@ -1,0 +1,229 @@
+"""Typed config schema for train.py and eval.py, registered in Hydra's ConfigStore.
+
+Why: Hydra composes configs/config.yaml from its groups (model/ task/ data/ optimizer/ schedule/
+peft/ mesh/ experiment/) on top of the dataclass `TrainConfig`, so a misspelled key or a value of
+the wrong type fails at composition, naming the key, before any data or model is touched.
+`validate` then checks what types cannot (choices, divisibility, ranges) and raises ConfigError.
+
+`compose(overrides, config_name="config")` is the programmatic entry (tests, notebooks): the same
+composition as the command line, with Hydra's errors turned into ConfigError.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from flaxen.data import DataConfig
+from flaxen.data.config import check_config as check_data_config
+from flaxen.errors import ConfigError
+
+import models
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+TASKS = ("mlm", "clm", "seq_cls", "token_cls")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "warmup_linear", "warmup_cosine")
+PEFT_METHODS = ("none",)
+METRIC_MODES = ("max", "min")
+
+
+def _model_schema():
+    """ModelConfig's architecture fields (from models/) plus `name` and `pretrained`."""
+    hints = typing.get_type_hints(models.ModelConfig)
+    fields = [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(models.ModelConfig)]
+    fields += [("name", str, field(default="custom")), ("pretrained", Optional[str], field(default=None))]
+    return dataclasses.make_dataclass("ModelSchema", fields)
+
+
+ModelSchema = _model_schema()
+
+
+@dataclass
+class TaskConfig:
+    """What is learned: `mlm`, `clm`, `seq_cls` or `token_cls`; label count from the data unless set."""
+    name: str = "mlm"
+    num_labels: Optional[int] = None
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (decoupled weight decay, masked off biases and LayerNorm) or SGD with momentum;
+    global-norm clipping when `clip_norm` > 0."""
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.9
+    clip_norm: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate multiplier over optimizer updates: `constant`, or linear warmup from 0 over
+    `warmup_steps` then linear or cosine decay to `end_lr_ratio * lr` at the last step."""
+    name: str = "warmup_linear"
+    warmup_steps: int = 0
+    end_lr_ratio: float = 0.0
+
+
+@dataclass
+class PeftConfig:
+    name: str = "none"
+
+
+@dataclass
+class MeshConfig:
+    """Mesh sizes (-1 = all remaining devices) and logical-axis -> mesh-axis rules."""
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    logical_axis_rules: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSchema = field(default_factory=ModelSchema)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    experiment_name: str = "default"
+    seed: int = 0
+    data_dir: str = MISSING
+    run_dir: str = MISSING
+    init_from: Optional[str] = None
+    steps: int = 1000
+    batch_size: int = 32
+    micro_batch_size: Optional[int] = None
+    log_every: int = 50
+    eval_every: int = 500
+    eval_split: Optional[str] = "validation"
+    eval_batch_size: int = 64
+    eval_batches: Optional[int] = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    best_metric: Optional[str] = None
+    best_mode: Optional[str] = None
+    early_stopping_patience: Optional[int] = None
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig(TrainConfig):
+    """eval.py: a run directory (or `checkpoint`, or `model.pretrained`) and a split.
+
+    `output_dir`: where eval_<split>.json goes (default: the run directory; for a pretrained
+    baseline without a run: runs/<experiment_name>_pretrained).
+    """
+    run_dir: Optional[str] = None
+    split: str = "validation"
+    checkpoint: Optional[str] = None
+    step: Optional[int] = None
+    output_dir: Optional[str] = None
+
+
+def register() -> None:
+    """Registers the schemas in Hydra's ConfigStore and the `expanduser` resolver (for data_dir)."""
+    if not OmegaConf.has_resolver("expanduser"):
+        OmegaConf.register_new_resolver("expanduser", lambda path: os.path.expanduser(str(path)))
+    store = ConfigStore.instance()
+    store.store(name="flaxen_train_schema", node=TrainConfig)
+    store.store(name="flaxen_eval_schema", node=EvalConfig)
+
+
+register()
+
+DEFAULT_METRIC = {"seq_cls": ("accuracy", "max"), "token_cls": ("f1", "max"), "mlm": ("loss", "min"), "clm": ("loss", "min")}
+
+
+def best_metric(cfg) -> tuple[str, str]:
+    """(metric name, 'max' | 'min') used for the best checkpoint and early stopping."""
+    name, mode = DEFAULT_METRIC[cfg.task.name]
+    if cfg.best_metric is not None:
+        name = cfg.best_metric
+        mode = cfg.best_mode or ("min" if name in ("loss", "perplexity") else "max")
+    elif cfg.best_mode is not None:
+        mode = cfg.best_mode
+    return name, mode
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, choices))}")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise ConfigError(f"{key}={value}: expected a {'non-negative' if allow_zero else 'positive'} integer")
+
+
+def validate(cfg) -> None:
+    """Checks beyond types: choices, ranges and the batch-size arithmetic. Raises ConfigError."""
+    _choice("task.name", cfg.task.name, TASKS)
+    _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
+    _choice("schedule.name", cfg.schedule.name, SCHEDULES)
+    _choice("peft.name", cfg.peft.name, PEFT_METHODS)
+    for key in ("steps", "batch_size", "eval_batch_size", "keep_checkpoints"):
+        _positive(key, cfg[key])
+    for key in ("log_every", "eval_every", "checkpoint_every", "schedule.warmup_steps"):
+        _positive(key, OmegaConf.select(cfg, key), allow_zero=True)
+    _positive("micro_batch_size", cfg.micro_batch_size)
+    _positive("eval_batches", cfg.eval_batches)
+    _positive("early_stopping_patience", cfg.early_stopping_patience)
+    _positive("task.num_labels", cfg.task.num_labels)
+    if cfg.micro_batch_size is not None and cfg.batch_size % cfg.micro_batch_size:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size} "
+            "(gradient accumulation runs batch_size // micro_batch_size micro-batches per step)")
+    if cfg.schedule.warmup_steps > cfg.steps:
+        raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds steps={cfg.steps}")
+    if not 0.0 <= cfg.schedule.end_lr_ratio <= 1.0:
+        raise ConfigError(f"schedule.end_lr_ratio={cfg.schedule.end_lr_ratio}: expected a value in [0, 1]")
+    if cfg.optimizer.lr <= 0:
+        raise ConfigError(f"optimizer.lr={cfg.optimizer.lr}: expected a positive learning rate")
+    if cfg.best_mode is not None:
+        _choice("best_mode", cfg.best_mode, METRIC_MODES)
+    if cfg.early_stopping_patience is not None and not (cfg.eval_every and cfg.eval_split):
+        raise ConfigError("early_stopping_patience needs periodic evaluation: set eval_every > 0 and eval_split")
+    if cfg.model.pretrained is not None and not os.path.isdir(os.path.expanduser(cfg.model.pretrained)):
+        raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: no such directory")
+    check_data_config(cfg.data, cfg.task.name)
+    length = cfg.data.window_length if cfg.task.name in ("mlm", "clm") else cfg.data.max_length
+    length_key = "data.window_length" if cfg.task.name in ("mlm", "clm") else "data.max_length"
+    if cfg.model.pretrained is None and length > cfg.model.max_position_embeddings:
+        raise ConfigError(f"{length_key}={length} exceeds model.max_position_embeddings="
+                          f"{cfg.model.max_position_embeddings}")
+    if cfg.init_from is not None and cfg.model.pretrained is not None:
+        raise ConfigError("init_from and model.pretrained are both set: choose one starting point")
+
+
+def to_container(cfg) -> dict:
+    """The resolved config as plain Python containers (for config.yaml in the run directory)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> DictConfig:
+    """Composes configs/<config_name>.yaml with command-line style overrides; ConfigError on bad keys."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name="flaxen"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(str(error)) from error
+    validate(cfg)
+    return cfg

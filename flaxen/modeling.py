@@ -1,0 +1,149 @@
+"""Building the model a run trains or evaluates, from config, a Hugging Face directory or a run.
+
+Why: train.py and eval.py must agree on the architecture. A run writes `model.json`
+(ModelConfig fields, head, num_labels, label names) into its directory; eval.py rebuilds exactly
+that model (abstractly, without initialising weights) before restoring a checkpoint into it.
+
+Starting points, in the order the loop checks them:
+- `model.pretrained=PATH`: `models.load_pretrained(PATH, head, num_labels=..., dtype=..., remat=...)`;
+  the architecture comes from PATH's config.json.
+- from scratch: `models.build_model` with the `model` config group, `vocab_size` and
+  `pad_token_id` taken from the tokenizer.
+- `init_from=RUN_DIR` (on top of from-scratch): parameters whose path exists in RUN_DIR's best
+  checkpoint are copied (shapes must agree); the rest (a new head, a pooler) stay fresh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+import models
+from flaxen import logging as run_logging
+from flaxen import tasks
+from flaxen.errors import CheckpointError, ConfigError
+
+MODEL_FILE = "model.json"
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """Everything needed to rebuild a run's model: its config, head and labels."""
+    config: models.ModelConfig
+    head: str | None
+    num_labels: int
+    label_names: list[str] | None = None
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "head": self.head, "num_labels": self.num_labels,
+                "label_names": self.label_names}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelSpec":
+        return cls(models.ModelConfig.from_dict(values["config"]), values["head"], values["num_labels"],
+                   values.get("label_names"))
+
+    def build(self, seed: int = 0) -> models.Model:
+        """A freshly initialised model. Initialisation runs as one jitted program: eager
+        initialisation would compile one small program per parameter shape."""
+        abstract = self.build_abstract()
+        graphdef, _ = nnx.split(abstract)
+        state = jax.jit(lambda: nnx.state(self._construct(seed)))()
+        return nnx.merge(graphdef, state)
+
+    def _construct(self, seed: int) -> models.Model:
+        return models.build_model(self.config, self.head, self.num_labels, rngs=nnx.Rngs(seed))
+
+    def build_abstract(self) -> models.Model:
+        """The model with ShapeDtypeStruct leaves: a restore target that costs no initialisation."""
+        return nnx.eval_shape(lambda: self._construct(0))
+
+
+def num_labels_of(cfg: Any, task_data: Any) -> int:
+    task = cfg.task.name
+    if task not in ("seq_cls", "token_cls"):
+        return 2
+    if cfg.task.num_labels is not None:
+        return int(cfg.task.num_labels)
+    if task_data.label_names is None:
+        raise ConfigError(f"task.num_labels is not set and data '{cfg.data}' declares no label names")
+    return len(task_data.label_names)
+
+
+def build(cfg: Any, task_data: Any, log=print) -> tuple[models.Model, ModelSpec]:
+    """The starting model of a run (pretrained or from scratch; init_from is applied by the loop)."""
+    head = tasks.HEAD[cfg.task.name]
+    num_labels = num_labels_of(cfg, task_data)
+    label_names = list(task_data.label_names) if task_data.label_names is not None else None
+    if cfg.model.pretrained is not None:
+        kwargs = {"dtype": cfg.model.dtype, "remat": cfg.model.remat, "seed": cfg.seed}
+        if head in ("seq_cls", "token_cls"):
+            kwargs["num_labels"] = num_labels
+            if label_names is not None and len(label_names) == num_labels:
+                kwargs["id2label"] = label_names
+        model = models.load_pretrained(os.path.expanduser(cfg.model.pretrained), head=head, **kwargs)
+        return model, ModelSpec(model.config, head, num_labels, label_names)
+    values = {k: v for k, v in dict(cfg.model).items() if k not in ("name", "pretrained")}
+    tokenizer = task_data.tokenizer
+    if values["vocab_size"] != tokenizer.vocab_size:
+        log(f"model.vocab_size: {values['vocab_size']} -> {tokenizer.vocab_size} (from the tokenizer)")
+        values["vocab_size"] = tokenizer.vocab_size
+    if tokenizer.pad_token_id is not None:
+        values["pad_token_id"] = tokenizer.pad_token_id
+    spec = ModelSpec(models.ModelConfig.from_dict(values), head, num_labels, label_names)
+    return spec.build(cfg.seed), spec
+
+
+def write_spec(run_dir: str, spec: ModelSpec) -> None:
+    run_logging.write_json(os.path.join(run_dir, MODEL_FILE), spec.to_dict())
+
+
+def read_spec(run_dir: str) -> ModelSpec:
+    path = os.path.join(run_dir, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} not found: {run_dir} is not a flaxen run directory")
+    with open(path) as f:
+        return ModelSpec.from_dict(json.load(f))
+
+
+def abstract_like(tree, shardings=None):
+    """ShapeDtypeStruct pytree of `tree` (with `shardings` where given) for orbax restores."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def count_parameters(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def transfer(source, target, source_name: str) -> tuple[Any, int, list[str]]:
+    """Copies `source` leaves into `target` where the key paths agree.
+
+    Returns (new target, number of copied tensors, key paths left fresh). A shared path with a
+    different shape raises CheckpointError naming the parameter and both shapes.
+    """
+    source_leaves = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(source)}
+    copied, fresh = 0, []
+
+    def pick(path, value):
+        nonlocal copied
+        key = jax.tree_util.keystr(path)
+        if key not in source_leaves:
+            fresh.append(key)
+            return value
+        other = source_leaves[key]
+        if tuple(other.shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"init_from={source_name}: parameter {key} has shape {tuple(other.shape)} there but "
+                f"{tuple(value.shape)} in this model")
+        copied += 1
+        return jax.device_put(other.astype(value.dtype), value.sharding)
+
+    new = jax.tree_util.tree_map_with_path(pick, target)
+    return new, copied, fresh

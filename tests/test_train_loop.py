@@ -1,0 +1,172 @@
+"""flaxen.loop end to end on in-memory data: exact resume, the NaN guard, frozen parameters,
+checkpoint retention and early stopping."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from omegaconf import OmegaConf
+
+from flaxen import checkpoint, config, loop, modeling
+
+TINY = dict(family="bert", vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+            max_position_embeddings=32, hidden_dropout=0.1, attention_dropout=0.1, name="tiny")
+
+
+def make_cfg(run_dir, task="seq_cls", **overrides):
+    cfg = OmegaConf.structured(config.TrainConfig)
+    cfg.model = OmegaConf.merge(cfg.model, TINY)
+    cfg.data.max_length, cfg.data.bucket_lengths, cfg.data.window_length = 16, [16], 16
+    cfg.task.name = task
+    cfg.run_dir, cfg.data_dir = str(run_dir), str(run_dir)
+    settings = dict(steps=8, batch_size=8, log_every=2, eval_every=4, checkpoint_every=4, eval_batch_size=8,
+                    keep_checkpoints=5, progress_bar=False, tensorboard=False)
+    settings.update(overrides)
+    for key, value in settings.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    cfg.schedule.warmup_steps = 2
+    return cfg
+
+
+def restore_state(run_dir, step, task_data, cfg):
+    """params, opt_state and rest of a checkpoint, restored through a second code path (a fresh
+    model built from model.json and the optax state of the same optimizer)."""
+    spec = modeling.read_spec(str(run_dir))
+    _, params, rest = nnx.split(spec.build(0), nnx.Param, ...)
+    ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True)
+    out = ckpt.restore(step, params=modeling.abstract_like(params), rest=modeling.abstract_like(rest))
+    ckpt.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def seq_task(in_memory_task_data):
+    return in_memory_task_data("seq_cls")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, seq_task):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    results = loop.train(make_cfg(run_dir), task_data=seq_task)
+    return run_dir, results
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, seq_task, uninterrupted):
+    reference_dir, reference_results = uninterrupted
+    run_dir = tmp_path / "resumed"
+    stopped = loop.train(make_cfg(run_dir), task_data=seq_task, should_stop=lambda step: step == 3)
+    assert stopped == {"status": "interrupted", "steps": 3}
+    assert not (run_dir / "results.json").exists()
+    resumed = loop.train(make_cfg(run_dir), task_data=seq_task)
+    assert resumed["steps"] == 8 and resumed["status"] == "completed"
+
+    ours = restore_state(run_dir, 8, seq_task, None)
+    reference = restore_state(reference_dir, 8, seq_task, None)
+    for a, b in zip(jax.tree.leaves(ours["params"]), jax.tree.leaves(reference["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert ours["meta"]["rng"] == reference["meta"]["rng"]
+    assert ours["data"] == reference["data"]
+    logged = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    reference_logged = [json.loads(line) for line in open(reference_dir / "metrics.jsonl")]
+    losses = {r["step"]: r["loss"] for r in logged if "loss" in r and r["step"] > 4}
+    reference_losses = {r["step"]: r["loss"] for r in reference_logged if "loss" in r and r["step"] > 4}
+    assert losses == reference_losses
+    assert resumed["final_eval"]["accuracy"] == reference_results["final_eval"]["accuracy"]
+
+
+def test_run_directory_outputs(uninterrupted):
+    run_dir, results = uninterrupted
+    for name in ("config.yaml", "config.json", "model.json", "metrics.jsonl", "results.json"):
+        assert (run_dir / name).is_file(), name
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    train_rows = [r for r in rows if "loss" in r]
+    assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_s"} <= set(train_rows[-1])
+    assert [r["step"] for r in rows if "validation/accuracy" in r] == [4, 8]
+    saved = json.load(open(run_dir / "results.json"))
+    assert saved["steps"] == 8 and saved["parameters"]["trainable"] == saved["parameters"]["total"] > 0
+    assert set(saved["final_eval"]) >= {"loss", "accuracy", "macro_f1", "report"}
+    assert saved["checkpoints"]["steps"] == [4, 8]
+
+
+class PoisonedTaskData:
+    """Wraps a TaskData; the train loader's batch number `bad_batch` (1-based) holds token ids past
+    the vocabulary, whose embedding lookup gives NaN (as a tokenizer/vocabulary mismatch would)."""
+
+    def __init__(self, task_data, bad_batch):
+        self.inner, self.bad_batch = task_data, bad_batch
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def loader(self, split, batch_size, **kwargs):
+        inner = self.inner.loader(split, batch_size, **kwargs)
+        if split != "train":
+            return inner
+        bad_batch, vocab = self.bad_batch, self.inner.tokenizer.vocab_size
+
+        class Loader:
+            count = 0
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                batch = next(inner)
+                Loader.count += 1
+                if Loader.count == bad_batch:
+                    batch = dict(batch, input_ids=batch["input_ids"] + vocab)
+                return batch
+
+            def get_state(self):
+                return inner.get_state()
+
+            def set_state(self, state):
+                inner.set_state(state)
+
+        return Loader()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, seq_task):
+    cfg = make_cfg(tmp_path, checkpoint_every=1, log_every=4)
+    with pytest.raises(loop.NonFiniteLossError, match="at step 5") as error:
+        loop.train(cfg, task_data=PoisonedTaskData(seq_task, bad_batch=5))
+    saved = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
+    assert saved.all_steps() == [1, 2, 3, 4]
+    saved.close()
+    assert f"step 4 in {tmp_path}" in str(error.value)
+    state = restore_state(tmp_path, 4, seq_task, cfg)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_frozen_parameters_get_no_gradient_and_no_optimizer_state(tmp_path, seq_task):
+    head_only = nnx.All(nnx.Param, nnx.PathContains("head"))
+    cfg = make_cfg(tmp_path, steps=3, eval_every=0, eval_split=None, checkpoint_every=0)
+    results = loop.train(cfg, task_data=seq_task, trainable_filter=head_only)
+    spec = modeling.read_spec(str(tmp_path))
+    _, head, backbone = nnx.split(spec.build(cfg.seed), head_only, ...)
+    assert results["parameters"]["trainable"] == modeling.count_parameters(head)
+    adam_moments = 2 * 4 * modeling.count_parameters(head)
+    assert results["optimizer_state_bytes"] < adam_moments + 64
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
+    out = ckpt.restore(3, params=modeling.abstract_like(head), rest=modeling.abstract_like(backbone))
+    ckpt.close()
+    for a, b in zip(jax.tree.leaves(out["rest"]), jax.tree.leaves(backbone)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(out["params"]), jax.tree.leaves(head)))
+
+
+def test_keeps_last_k_and_best_and_stops_early(tmp_path, seq_task):
+    cfg = make_cfg(tmp_path, eval_every=1, checkpoint_every=1, keep_checkpoints=1,
+                   best_metric="accuracy", early_stopping_patience=2)
+    results = loop.train(cfg, task_data=seq_task)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = [(r["step"], r["validation/accuracy"]) for r in rows if "validation/accuracy" in r]
+    best_step = max(evals, key=lambda e: (e[1], -e[0]))[0]
+    assert results["status"] == "early_stopping"
+    assert results["steps"] == evals[-1][0] == best_step + 2
+    assert results["best_eval"]["step"] == best_step
+    assert results["checkpoints"]["steps"] == sorted({best_step, results["steps"]})
+    assert results["checkpoints"]["best_step"] == best_step
