@@ -4,7 +4,8 @@ Why: a prepared tfds dataset is versioned, random-access and needs no TensorFlow
 cover local files (CoNLL-style tagging, delimited classification, plain-text corpora); catalog
 names (`glue/sst2`, `conll2003`, ...) go through tfds's own builders. Records, as loaders see them:
 
-  tagging:        {"tokens": [str] * words, "tags": [int] * words}
+  tagging:        {"tokens": [str] * words, "tags": [int] * words}   (tag names in the dataset's
+                  metadata.json: a per-word ClassLabel sequence would cost tfds ~7x the write time)
   classification: {"text": str, "text_pair": str, "label": int (float32 if regression)}
   text:           {"text": str}   (a chunk of whole lines; chunks concatenate to the split's text)
 
@@ -28,6 +29,8 @@ import hashlib
 import json
 import os
 import re
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -41,7 +44,7 @@ from flaxen.data import tags as tag_schemes
 from flaxen.data.config import DataConfig
 from flaxen.errors import ConfigError, DataError
 
-FORMAT_VERSION = "1.0.0"
+FORMAT_VERSION = "1.1.0"
 TEXT_CHUNK_CHARS = 4096
 
 tfds.display_progress_bar(False)
@@ -53,15 +56,17 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     code_path = None
 
     def __init__(self, *, features: tfds.features.FeaturesDict, split_records: dict[str, list[dict]],
-                 description: str, **kwargs):
+                 description: str, metadata: Optional[dict] = None, **kwargs):
         self._features = features
         self._split_records = split_records
         self._description = description
+        self._metadata = metadata
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
+        metadata = tfds.core.MetadataDict(**self._metadata) if self._metadata else None
         return tfds.core.DatasetInfo(builder=self, description=self._description, features=self._features,
-                                     disable_shuffling=True)
+                                     disable_shuffling=True, metadata=metadata)
 
     def _split_generators(self, dl_manager):
         return {split: self._generate_examples(split) for split in self._split_records}
@@ -134,6 +139,12 @@ def _safe_name(name: str) -> str:
 
 def _field_reader(feature, key: str) -> Callable[[Any], Any]:
     """A function from a proto `Feature` to the value tfds would decode, for flat text/int/float features."""
+    if isinstance(feature, tfds.features.Tensor) and feature.shape == (None,):
+        kind = np.dtype(feature.np_dtype).kind
+        if kind == "O":
+            return lambda f: [b.decode("utf-8") for b in f.bytes_list.value]
+        if kind in "iu":
+            return lambda f: list(f.int64_list.value)
     if isinstance(feature, tfds.features.Sequence):
         inner = feature.feature
         if isinstance(inner, tfds.features.Text):
@@ -184,6 +195,7 @@ class PreparedDataset:
     label_names: Optional[list[str]] = None
     tag_scheme: Optional[str] = None
     regression: bool = False
+    tag_conversion: Optional[tuple[str, str]] = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -211,8 +223,22 @@ class PreparedDataset:
             if self.schema == "classification":
                 for record in records:
                     record.setdefault("text_pair", "")
+            if self.tag_conversion is not None:
+                self._convert_tags(split, records)
             self._cache[split] = records
         return self._cache[split]
+
+
+    def _convert_tags(self, split: str, records: list[dict]) -> None:
+        source, target = self.tag_conversion
+        index = {name: i for i, name in enumerate(self.label_names)}
+        for number, record in enumerate(records):
+            converted = tag_schemes.convert([self.label_names[t] for t in record["tags"]], source, target)
+            missing = [t for t in converted if t not in index]
+            if missing:
+                raise DataError(f"split {split!r} sentence {number}: converting {source} to {target} gives tags "
+                                f"{missing} that {self.path} has no label for")
+            record["tags"] = [index[t] for t in converted]
 
 
 def _label_names(builder, key: Optional[str]) -> Optional[list[str]]:
@@ -302,10 +328,14 @@ def _parse_conll(cfg: DataConfig, files: dict[str, str]):
         if not converted <= set(declared):
             raise DataError(f"converting {cfg.tag_scheme} to {target} produced tags {sorted(converted - set(declared))} "
                             "that are not in data.label_names")
-    features = tfds.features.FeaturesDict({
-        "tokens": tfds.features.Sequence(tfds.features.Text()),
-        "tags": tfds.features.Sequence(tfds.features.ClassLabel(names=names))})
-    return parsed, features
+    index = {name: i for i, name in enumerate(names)}
+    for sentences in parsed.values():
+        for sentence in sentences:
+            sentence["tags"] = np.asarray([index[t] for t in sentence["tags"]], np.int64)
+            sentence["tokens"] = np.asarray(sentence["tokens"], object)
+    features = tfds.features.FeaturesDict({"tokens": tfds.features.Tensor(shape=(None,), dtype=np.object_),
+                                           "tags": tfds.features.Tensor(shape=(None,), dtype=np.int64)})
+    return parsed, features, {"label_names": names}
 
 
 def _parse_delimited(cfg: DataConfig, files: dict[str, str]):
@@ -322,7 +352,13 @@ def _parse_delimited(cfg: DataConfig, files: dict[str, str]):
     for split, path in files.items():
         if split != "train":
             parsed[split] = raw.parse_delimited(path, allowed=names, allowed_origin=origin, **options)
-    spec = {"text": tfds.features.Text(), "text_pair": tfds.features.Text()}
+    spec = {"text": tfds.features.Text()}
+    if len(cfg.text_columns) > 1:
+        spec["text_pair"] = tfds.features.Text()
+    else:
+        for records in parsed.values():
+            for record in records:
+                del record["text_pair"]
     if labelled:
         spec["label"] = (tfds.features.Tensor(shape=(), dtype=np.float32) if cfg.regression
                          else tfds.features.ClassLabel(names=names))
@@ -330,7 +366,7 @@ def _parse_delimited(cfg: DataConfig, files: dict[str, str]):
             for records in parsed.values():
                 for record in records:
                     record["label"] = float(record["label"])
-    return parsed, tfds.features.FeaturesDict(spec)
+    return parsed, tfds.features.FeaturesDict(spec), None
 
 
 def _local_source(cfg: DataConfig, data_dir: str, root: str) -> tuple[str, DataConfig, dict[str, str]]:
@@ -360,10 +396,12 @@ def prepare(cfg: DataConfig, data_dir: str) -> PreparedDataset:
     schema = SCHEMAS[kind]
     fields = {"tagging": {"tokens": "tokens", "tags": "tags"}, "text": {"text": "text"},
               "classification": {k: k for k in builder.info.features.keys()}}[schema]
-    label_key = {"tagging": "tags", "classification": "label" if "label" in fields else None, "text": None}[schema]
+    if schema == "tagging":
+        names = list(builder.info.metadata["label_names"])
+    else:
+        names = _label_names(builder, "label" if "label" in fields else None)
     return PreparedDataset(builder=builder, schema=schema, fields=fields,
-                           split_names={s: s for s in builder.info.splits.keys()},
-                           label_names=_label_names(builder, label_key),
+                           split_names={s: s for s in builder.info.splits.keys()}, label_names=names,
                            tag_scheme=(cfg.convert_tag_scheme or cfg.tag_scheme) if schema == "tagging" else None,
                            regression=bool(cfg.regression) and schema == "classification")
 
@@ -371,15 +409,15 @@ def prepare(cfg: DataConfig, data_dir: str) -> PreparedDataset:
 def _build(builder_cls, kind: str, cfg: DataConfig, files: dict[str, str], root: str, config_name: str,
            key_material: dict) -> None:
     if kind == "conll":
-        split_records, features = _parse_conll(cfg, files)
+        split_records, features, metadata = _parse_conll(cfg, files)
     elif kind == "delimited":
-        split_records, features = _parse_delimited(cfg, files)
+        split_records, features, metadata = _parse_delimited(cfg, files)
     else:
-        split_records = _parse_text(cfg, files)
+        split_records, metadata = _parse_text(cfg, files), None
         features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
     description = f"flaxen {kind} dataset {cfg.name!r}: " + json.dumps(key_material, sort_keys=True)
-    builder = builder_cls(features=features, split_records=split_records, description=description, data_dir=root,
-                          config=tfds.core.BuilderConfig(name=config_name), file_format="array_record")
+    builder = builder_cls(features=features, split_records=split_records, description=description, metadata=metadata,
+                          data_dir=root, config=tfds.core.BuilderConfig(name=config_name), file_format="array_record")
     config_dir = os.path.dirname(os.path.join(root, builder_cls.name, config_name, FORMAT_VERSION))
     try:
         builder.download_and_prepare(download_dir=os.path.join(root, "downloads"))
@@ -400,16 +438,41 @@ def _catalog_builder(name: str, root: str):
         raise ConfigError(f"data.tfds_name={name!r}: not a tfds catalog dataset ({str(error).splitlines()[0]})") from None
 
 
+def _unreachable(builder) -> list[str]:
+    """Hosts of the builder's registered download URLs when none resolves (offline), else []: tfds's
+    downloader would retry each for minutes before failing."""
+    try:
+        hosts = sorted({urllib.parse.urlparse(url).hostname for url in (builder.url_infos or {})} - {None})
+    except Exception:
+        return []
+    for host in hosts:
+        try:
+            socket.getaddrinfo(host, 443)
+            return []
+        except OSError:
+            continue
+    return hosts
+
+
 def _prepare_catalog(cfg: DataConfig, root: str) -> PreparedDataset:
     builder = _catalog_builder(cfg.tfds_name, root)
     with _locked(root, _safe_name(cfg.tfds_name)):
         if not builder.is_prepared():
             try:
+                hosts = _unreachable(builder)
+                if hosts:
+                    raise ConnectionError(f"cannot resolve {', '.join(hosts)}")
                 builder.download_and_prepare(file_format="array_record")
             except Exception as error:
+                cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                if isinstance(error, ModuleNotFoundError) and error.name == "importlib_resources":
+                    cause += ("; tfds 4.9.10 needs the importlib_resources package to prepare catalog datasets "
+                              "(pip install importlib_resources)")
+                elif isinstance(error, (ModuleNotFoundError, AttributeError)) and "tensorflow" in str(error).lower():
+                    cause += "; this catalog builder reads its download with TensorFlow, which flaxen does not install"
                 raise DataError(
                     f"could not download and prepare tfds catalog dataset {cfg.tfds_name!r} into {root} "
-                    f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Offline, use the "
+                    f"({cause}). Offline, use the "
                     "local files instead: a data preset with data.source=conll|delimited|text (e.g. data=sst2, "
                     "data=conll2003, data=shakespeare_char) and data_dir (or FLAXEN_DATA_DIR) pointing at the folder "
                     "that holds them, e.g. <data_dir>/sst2/train.tsv.") from error
@@ -426,6 +489,9 @@ def _prepare_catalog(cfg: DataConfig, root: str) -> PreparedDataset:
                               f"{sorted(builder.info.features.keys())}")
     names = _label_names(builder, label_key)
     regression = schema == "classification" and names is None
+    conversion = None
+    if schema == "tagging" and cfg.convert_tag_scheme and cfg.convert_tag_scheme != cfg.tag_scheme:
+        conversion = (cfg.tag_scheme, cfg.convert_tag_scheme)
     return PreparedDataset(builder=builder, schema=schema, fields=fields, split_names=split_names,
-                           label_names=names, tag_scheme=cfg.tag_scheme if schema == "tagging" else None,
-                           regression=regression)
+                           label_names=names, regression=regression, tag_conversion=conversion,
+                           tag_scheme=(cfg.convert_tag_scheme or cfg.tag_scheme) if schema == "tagging" else None)

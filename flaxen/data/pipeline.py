@@ -31,7 +31,7 @@ from typing import Any, Optional
 import grain
 import numpy as np
 
-from flaxen.data import builders, encoding
+from flaxen.data import builders, encoding, synthetic
 from flaxen.data import tokenizers as tokenization
 from flaxen.data.config import DataConfig, check_config
 from flaxen.errors import CheckpointError, ConfigError, DataError
@@ -295,6 +295,8 @@ def _tokenizer(cfg: DataConfig, task: str, prepared: builders.PreparedDataset, d
     if spec.kind == "char":
         return tokenization.char_tokenizer(all_texts(), with_specials=task != "clm")
     if spec.kind == "word":
+        if cfg.source == "synthetic":
+            return tokenization.word_tokenizer([" ".join(synthetic.vocabulary())])
         return tokenization.word_tokenizer(all_texts())
     directory = os.path.join(builders.prepared_root(cfg, data_dir), "tokenizers",
                              f"{os.path.basename(os.path.dirname(prepared.path))}_{spec.kind}_{spec.vocab_size}"

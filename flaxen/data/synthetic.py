@@ -15,7 +15,7 @@ structure and which class each noun belongs to.
 Labelled task (`classification`): the label is the class of the subject's head noun. Its train
 sentences take subjects from the first 8 nouns of each class only; validation subjects come from
 the 4 held-out nouns, whose class a model can only know from the unlabelled corpus (where every
-noun occurs) or from the class-selecting words around them. Sentences elsewhere in the sentence
+noun occurs) or from the class-selecting words around them. Nouns elsewhere in the sentence
 (objects, relative clauses, prepositional phrases) name nouns of any class, so the subject must be
 found by structure.
 
@@ -109,6 +109,18 @@ class Language:
         plural = self.rng.random() < 0.5
         words = self.noun_phrase(cls, plural, nouns=subject_nouns) + self.verb_phrase(cls, plural) + ["."]
         return words, cls
+
+
+def vocabulary() -> list[str]:
+    """Every word the grammar can produce, sorted: the word tokenizer of both quickstart presets, so
+    a model pretrained on `corpus` and fine-tuned on `labelled` shares its ids."""
+    words = {".", "that"} | set(ADVERBS) | set(PREPOSITIONS)
+    words |= {w for ws in DETERMINERS.values() for w in ws}
+    words |= {w for ws in ADJECTIVES.values() for w in ws}
+    words |= {form for ns in NOUNS.values() for n in ns for form in (n, n + "s")}
+    verbs = [v for vs in INTRANSITIVE.values() for v in vs] + [v for vs in TRANSITIVE.values() for v in vs]
+    words |= {form for v in verbs for form in (v, v + "s")}
+    return sorted(words)
 
 
 def corpus(seed: int, count: int) -> list[str]:
