@@ -33,7 +33,7 @@ import tempfile
 from collections import Counter
 from typing import Iterable
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CLASSES = ("animal", "person", "machine", "food")
 NOUNS = {
     "animal": ["dog", "cat", "horse", "bird", "rabbit", "duck", "frog", "lion", "tiger", "goat", "snake", "owl"],
@@ -82,6 +82,8 @@ class Language:
             words.append(rng.choice(ADJECTIVES[cls]))
         noun = rng.choice(nouns if nouns is not None else NOUNS[cls])
         words.append(noun + "s" if plural else noun)
+        if words[0] == "a" and words[1][0] in "aeiou":
+            words[0] = "an"
         if modifiers:
             roll = rng.random()
             if roll < 0.25:
@@ -114,7 +116,7 @@ class Language:
 def vocabulary() -> list[str]:
     """Every word the grammar can produce, sorted: the word tokenizer of both quickstart presets, so
     a model pretrained on `corpus` and fine-tuned on `labelled` shares its ids."""
-    words = {".", "that"} | set(ADVERBS) | set(PREPOSITIONS)
+    words = {".", "that", "an"} | set(ADVERBS) | set(PREPOSITIONS)
     words |= {w for ws in DETERMINERS.values() for w in ws}
     words |= {w for ws in ADJECTIVES.values() for w in ws}
     words |= {form for ns in NOUNS.values() for n in ns for form in (n, n + "s")}
