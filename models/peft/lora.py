@@ -1,0 +1,134 @@
+"""LoRA: a trainable low-rank update beside frozen Dense layers (Hu et al. 2021).
+
+    y = x · W + b + scaling · (dropout(x) · A) · B        A [*in, rank], B [rank, *out]
+
+x [..., *in] contracts the layer's input axes (query: [embed]; attention output: [heads,
+head_dim]). A starts like PyTorch's Linear (uniform ±1/sqrt(fan_in), as Hugging Face PEFT) and B
+at zero, so the adapted model starts equal to the base model. A carries the input axes' logical
+names plus 'lora_rank', B 'lora_rank' plus the output axes' names.
+
+Dropout on the LoRA input needs a PRNG key, but a Dense layer is called with `x` only. Each
+block of a LoRA model is therefore wrapped in a subclass of its own class (same attributes, same
+parameter paths) whose call scopes a key derived from the block's `dropout_rng` over the block;
+the LoRA layers inside read it (`fold_in(key, stream)`, one stream per layer). Without a key
+(deterministic calls) there is no dropout.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import types
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import Dense, dropout
+from models.peft import targets
+from models.peft.config import LoRAConfig
+from models.peft.variables import LoRAParam, axis_names, peft_param
+
+LORA_DROPOUT_STREAM = 0x4C6F5241
+
+_dropout_key: contextvars.ContextVar = contextvars.ContextVar("flaxen_lora_dropout_key", default=None)
+
+
+@contextlib.contextmanager
+def dropout_key_scope(key: jax.Array | None):
+    """Makes `key` the LoRA dropout key of the LoRA layers called inside the block."""
+    token = _dropout_key.set(key)
+    try:
+        yield
+    finally:
+        _dropout_key.reset(token)
+
+
+class LoRADense(Dense):
+    """A Dense layer (the base layer's own kernel and bias Variables) plus LoRA factors."""
+
+    def __init__(self, base: Dense, *, rank: int, scaling: float, dropout_rate: float, stream: int,
+                 rngs: nnx.Rngs):
+        self.in_shape, self.out_shape, self.dtype = base.in_shape, base.out_shape, base.dtype
+        self.kernel, self.bias = base.kernel, base.bias
+        names = axis_names(base.kernel)
+        n_in = len(self.in_shape)
+        bound = 1.0 / math.sqrt(math.prod(self.in_shape))
+        a = jax.random.uniform(rngs.params(), self.in_shape + (rank,), jnp.float32, -bound, bound)
+        self.lora_a = peft_param(LoRAParam, a, names[:n_in] + ("lora_rank",))
+        self.lora_b = peft_param(LoRAParam, jnp.zeros((rank,) + self.out_shape, jnp.float32),
+                                 ("lora_rank",) + names[n_in:])
+        self.scaling = float(scaling)
+        self.dropout_rate = float(dropout_rate)
+        self.stream = int(stream)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        h = x.astype(self.dtype)
+        key = _dropout_key.get()
+        if key is not None:
+            h = dropout(h, self.dropout_rate, jax.random.fold_in(key, self.stream))
+        h = jnp.tensordot(h, self.lora_a[...].astype(self.dtype), axes=len(self.in_shape))
+        h = jnp.tensordot(h, self.lora_b[...].astype(self.dtype), axes=1)
+        return y + h * jnp.asarray(self.scaling, self.dtype)
+
+    def delta(self) -> jax.Array:
+        """scaling · A · B in float32, shaped like the kernel [*in, *out]."""
+        a = self.lora_a[...].reshape(-1, self.lora_a.shape[-1])
+        b = self.lora_b[...].reshape(self.lora_b.shape[0], -1)
+        return (self.scaling * (a @ b)).reshape(self.kernel.shape)
+
+
+class LoRABlock:
+    """Mixin for a Transformer block class: scopes the LoRA dropout key over the block's call.
+
+    Built by `lora_block_class`; `__init__` adopts an existing block's attributes (its modules
+    and parameters, unchanged), so nothing is re-initialised and parameter paths stay the same.
+    """
+
+    def __init__(self, block: nnx.Module):
+        for name, value in vars(block).items():
+            if not name.startswith("_pytree__"):
+                setattr(self, name, value)
+
+    def __call__(self, x, mask, dropout_rng=None, *args, **kwargs):
+        key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, LORA_DROPOUT_STREAM)
+        with dropout_key_scope(key):
+            return super().__call__(x, mask, dropout_rng, *args, **kwargs)
+
+
+_block_classes: dict[type, type] = {}
+
+
+def lora_block_class(cls: type) -> type:
+    """`LoRA<Block>`: the block class `cls` with the LoRABlock mixin (one class per block class)."""
+    if issubclass(cls, LoRABlock):
+        return cls
+    if cls not in _block_classes:
+        _block_classes[cls] = types.new_class(
+            f"LoRA{cls.__name__}", (LoRABlock, cls), {},
+            lambda ns: ns.update({"__module__": __name__, "__doc__": f"{cls.__name__} with LoRA dropout keys."}),
+        )
+    return _block_classes[cls]
+
+
+def base_block_class(cls: type) -> type:
+    """The block class a LoRA block class was made from."""
+    return next(c for c in cls.__mro__[1:] if not issubclass(c, LoRABlock)) if issubclass(cls, LoRABlock) else cls
+
+
+def apply_lora(model, config: LoRAConfig, rngs: nnx.Rngs) -> None:
+    """Replaces the targeted Dense layers of every block with LoRADense, in place."""
+    chosen = targets.select(model, Dense, config.target_modules, "target_modules")
+    for stream, (index, path, dense) in enumerate(chosen):
+        lora = LoRADense(dense, rank=config.rank, scaling=config.scaling, dropout_rate=config.dropout,
+                         stream=stream, rngs=rngs)
+        targets.replace(targets.blocks(model)[index], path, lora)
+    layers = targets.blocks(model)
+    for index in range(len(layers)):
+        layers[index] = lora_block_class(type(layers[index]))(layers[index])
+
+
+def lora_layers(model) -> list[tuple[tuple, LoRADense]]:
+    """(path from the model root, layer) of every LoRADense of a model."""
+    return [(tuple(path), m) for path, m in model.iter_modules() if isinstance(m, LoRADense)]
