@@ -235,3 +235,23 @@ def test_config_mistakes_name_the_key(tmp_path):
     write(tmp_path, "train.tsv", "sentence\tlabel\na \t1\n")
     with pytest.raises(ConfigError, match=r"task token_cls needs tagging data"):
         load(tsv_config(tmp_path), tmp_path, "token_cls")
+
+
+def test_read_only_data_dir_prepares_into_the_user_cache(tmp_path, monkeypatch):
+    from flaxen.data import builders
+    monkeypatch.delenv("FLAXEN_PREPARED_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    write(shared, "train.tsv", "sentence\tlabel\ngood \t1\n")
+    shared.chmod(0o555)
+    try:
+        cfg = DataConfig(name="tiny", source="delimited", splits={"train": "train.tsv"},
+                         tokenizer=TokenizerConfig(kind="word"))
+        data = load_task_data(cfg, "seq_cls", str(shared))
+        assert data.prepared.path.startswith(str(tmp_path / "home" / ".cache" / "flaxen" / "tfds"))
+        assert sorted(os.listdir(shared)) == ["train.tsv"]
+        writable = tmp_path / "mine"
+        assert builders.prepared_root(cfg, str(writable)) == str(writable / "tfds")
+    finally:
+        shared.chmod(0o755)

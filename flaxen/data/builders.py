@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
+from absl import logging as absl_logging
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import decode as tfds_decode
 from tensorflow_datasets.proto import tf_example_pb2
@@ -95,21 +97,37 @@ SCHEMAS = {"conll": "tagging", "delimited": "classification", "text": "text"}
 # ---------------------------------------------------------------- where prepared data lives
 
 def prepared_root(cfg: DataConfig, data_dir: str) -> str:
-    """`data.prepared_dir`, else `FLAXEN_PREPARED_DIR`, else `<data_dir>/tfds` when it can be written,
-    else `~/.cache/flaxen/tfds/<hash of data_dir>` (data on a read-only share)."""
+    """`data.prepared_dir`, else `FLAXEN_PREPARED_DIR`, else `<data_dir>/tfds` when data_dir can be
+    written (or does not exist yet), else `~/.cache/flaxen/tfds/<hash of data_dir>` (data on a
+    read-only share)."""
     explicit = cfg.prepared_dir or os.environ.get("FLAXEN_PREPARED_DIR")
     if explicit:
         return os.path.abspath(os.path.expanduser(explicit))
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
     candidate = os.path.join(data_dir, "tfds")
-    try:
-        os.makedirs(candidate, exist_ok=True)
-        if os.access(candidate, os.W_OK):
+    if _writable(candidate if os.path.isdir(candidate) else data_dir):
+        try:
+            os.makedirs(candidate, exist_ok=True)
             return candidate
-    except OSError:
-        pass
+        except OSError:
+            pass
+    elif not os.path.exists(data_dir):
+        try:
+            os.makedirs(candidate)
+            return candidate
+        except OSError:
+            pass
     tag = hashlib.sha256(data_dir.encode()).hexdigest()[:12]
     return os.path.join(os.path.expanduser("~"), ".cache", "flaxen", "tfds", tag)
+
+
+def _writable(path: str) -> bool:
+    """Writable by us and not marked read-only: a folder without write bits (a shared data root)
+    counts as read-only even for root, whom os.access lets write anywhere."""
+    try:
+        return os.access(path, os.W_OK) and bool(os.stat(path).st_mode & 0o222)
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -121,6 +139,17 @@ def _locked(root: str, name: str):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _absl_quiet():
+    """tfds warns through absl that a BuilderConfig is 'custom': ours always are (named by checksum)."""
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 def _sha256(path: str) -> str:
@@ -416,11 +445,17 @@ def _build(builder_cls, kind: str, cfg: DataConfig, files: dict[str, str], root:
         split_records, metadata = _parse_text(cfg, files), None
         features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
     description = f"flaxen {kind} dataset {cfg.name!r}: " + json.dumps(key_material, sort_keys=True)
-    builder = builder_cls(features=features, split_records=split_records, description=description, metadata=metadata,
-                          data_dir=root, config=tfds.core.BuilderConfig(name=config_name), file_format="array_record")
+    with _absl_quiet():
+        builder = builder_cls(features=features, split_records=split_records, description=description,
+                              metadata=metadata, data_dir=root, config=tfds.core.BuilderConfig(name=config_name),
+                              file_format="array_record")
     config_dir = os.path.dirname(os.path.join(root, builder_cls.name, config_name, FORMAT_VERSION))
+    counts = ", ".join(f"{split} {len(records):,}" for split, records in split_records.items())
+    print(f"flaxen.data: preparing {cfg.name!r} ({counts} records) into {os.path.join(config_dir, FORMAT_VERSION)}",
+          flush=True)
     try:
-        builder.download_and_prepare(download_dir=os.path.join(root, "downloads"))
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(download_dir=os.path.join(root, "downloads"))
     except BaseException:
         with contextlib.suppress(OSError):
             os.rmdir(config_dir)
