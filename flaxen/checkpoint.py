@@ -54,9 +54,10 @@ class Checkpointer:
                                keep_checkpoints_without_metrics=False),
             ])
         options = ocp.CheckpointManagerOptions(
-            best_fn=best_fn, best_mode=mode, preservation_policy=None if read_only else preservation,
-            enable_async_checkpointing=False, read_only=read_only, create=not read_only,
+            best_fn=best_fn, best_mode=mode, preservation_policy=preservation,
+            enable_async_checkpointing=False, create=not read_only,
         )
+        self.read_only = read_only
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def all_steps(self) -> list[int]:
@@ -77,6 +78,8 @@ class Checkpointer:
 
     def save(self, step: int, *, params, opt_state, rest=None, meta: dict, data: dict | None = None,
              metrics: dict | None = None) -> None:
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only")
         items = {"params": ocp.args.StandardSave(params), "opt_state": ocp.args.StandardSave(opt_state),
                  "meta": ocp.args.JsonSave(meta)}
         if _has_leaves(rest):
@@ -118,8 +121,36 @@ class Checkpointer:
                 f"checkpoint {self.directory}/{step} does not match the model being restored: {error}") from error
         return {name: restored[name] for name in items}
 
+    def restore_arrays(self, step: int, items: tuple[str, ...] = ("params", "rest")) -> dict[tuple[str, ...], Any]:
+        """The arrays of `items` at `step` without a target, keyed by variable path
+        (('backbone', 'layers', '0', 'attention', 'query', 'kernel'), ...): restores whatever
+        split (trainable / frozen) the run used."""
+        if step not in self.all_steps():
+            raise CheckpointError(
+                f"no checkpoint for step {step} in {self.directory}; available steps: {self.all_steps() or 'none'}")
+        present = [name for name in items if name in self._item_names(step)]
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore() for name in present}))
+        arrays = {}
+        for name in present:
+            for path, value in jax.tree_util.tree_leaves_with_path(restored[name]):
+                arrays[variable_path(path)] = value
+        return arrays
+
     def close(self) -> None:
         self.manager.close()
+
+
+def variable_path(key_path) -> tuple[str, ...]:
+    """A pytree key path of an nnx.State (or its restored dict form) as strings, without the
+    trailing 'value' of the variable."""
+    names = []
+    for entry in key_path:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(entry, attribute):
+                names.append(str(getattr(entry, attribute)))
+                break
+    return tuple(names[:-1] if names and names[-1] == "value" else names)
 
 
 def find_checkpoint_dir(path: str) -> tuple[str, int | None]:

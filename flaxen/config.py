@@ -134,9 +134,12 @@ class EvalConfig(TrainConfig):
 
 
 def register() -> None:
-    """Registers the schemas in Hydra's ConfigStore and the `expanduser` resolver (for data_dir)."""
+    """Registers the schemas in Hydra's ConfigStore and two resolvers: `${expanduser:PATH}` and
+    `${minilm_path:}` (the all-MiniLM-L6-v2 model directory, from models.minilm_path)."""
     if not OmegaConf.has_resolver("expanduser"):
         OmegaConf.register_new_resolver("expanduser", lambda path: os.path.expanduser(str(path)))
+    if not OmegaConf.has_resolver("minilm_path"):
+        OmegaConf.register_new_resolver("minilm_path", lambda: models.minilm_path())
     store = ConfigStore.instance()
     store.store(name="flaxen_train_schema", node=TrainConfig)
     store.store(name="flaxen_eval_schema", node=EvalConfig)

@@ -113,6 +113,11 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
     train_loader = task_data.loader("train", cfg.batch_size // jax.process_count(), seed=cfg.seed, train=True,
                                     process_index=jax.process_index(), process_count=jax.process_count())
 
+    baseline = {}
+    if cfg.task.name in ("mlm", "clm") and hasattr(task_data, "unigram_entropy"):
+        baseline["unigram_entropy"] = float(task_data.unigram_entropy("train"))
+        log(f"train split unigram entropy: {baseline['unigram_entropy']:.4f} nats/token (a context-free model's loss)")
+
     # ---- model ----
     model, spec = modeling.build(cfg, task_data, log=log)
     if is_main:
@@ -172,7 +177,7 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
             train_loader.set_state(restored["data"])
         log(f"resumed from {ckpt.directory}/{start} (step {meta['step']})")
     elif cfg.init_from is not None:
-        params = _init_from(cfg.init_from, params, log)
+        params, meta["init_from"] = _init_from(cfg.init_from, params, log)
 
     def save(step, eval_metrics=None):
         if step in ckpt.all_steps():
@@ -219,6 +224,7 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
                     params, opt_state, rest, sharding.put_batch(batch, batch_sharding), np.int32(step), rng)
                 step += 1
                 pending.append(step_metrics)
+                bar.update(step)
                 if step == first_step:
                     jax.block_until_ready(step_metrics)
                     log(f"step {step}: compiled and ran the first step in {time.perf_counter() - tick:.1f}s")
@@ -276,7 +282,8 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
         "wall_seconds": time.perf_counter() - wall_start, "train_seconds": meta["train_seconds"],
         "tokens": meta["tokens"],
         "tokens_per_s": meta["tokens"] / meta["train_seconds"] if meta["train_seconds"] else None,
-        "parameters": {"total": n_total, "trainable": n_trainable},
+        "parameters": {"total": n_total, "trainable": n_trainable}, **baseline,
+        "init_from": meta.get("init_from"),
         "optimizer_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(opt_state))),
         "checkpoints": {"directory": ckpt.directory, "steps": ckpt.all_steps(), "best_step": ckpt.best_step()},
     }
@@ -289,21 +296,21 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
 
 
 def _init_from(source: str, params, log):
-    """Parameters of `source`'s best checkpoint copied into `params` where paths and shapes agree."""
+    """`params` with every tensor that `source`'s best checkpoint holds at the same path, and a
+    record of what was copied (kept in the checkpoints' meta and results.json)."""
     directory, step = checkpointing.find_checkpoint_dir(source)
-    run_dir = os.path.dirname(directory)
-    source_spec = modeling.read_spec(run_dir)
     source_ckpt = checkpointing.Checkpointer(directory, read_only=True,
-                                             best_metric=_best_metric_of_run(run_dir))
+                                             best_metric=_best_metric_of_run(os.path.dirname(directory)))
     step = source_ckpt.best_step() if step is None else step
     if step is None:
         raise checkpointing.CheckpointError(f"init_from={source}: no checkpoint in {directory}")
-    _, source_params, _ = nnx.split(source_spec.build_abstract(), nnx.Param, ...)
-    restored = source_ckpt.restore(step, params=source_params, meta=False, data=False)["params"]
+    arrays = source_ckpt.restore_arrays(step, items=("params", "rest"))
     source_ckpt.close()
-    params, copied, fresh = modeling.transfer(restored, params, source)
+    params, copied, fresh = modeling.transfer(arrays, params, source)
+    if not copied:
+        raise checkpointing.CheckpointError(f"init_from={source}: no parameter of {directory}/{step} matches this model")
     log(f"init_from {directory}/{step}: copied {copied} tensors; fresh: {', '.join(fresh) if fresh else 'none'}")
-    return params
+    return params, {"checkpoint": os.path.join(directory, str(step)), "copied": copied, "fresh": fresh}
 
 
 def _best_metric_of_run(run_dir: str):

@@ -122,28 +122,49 @@ def count_parameters(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def transfer(source, target, source_name: str) -> tuple[Any, int, list[str]]:
-    """Copies `source` leaves into `target` where the key paths agree.
+def fill(target, arrays: dict, where: str, shardings=None):
+    """`target` (a State, possibly abstract) with every leaf taken from `arrays` (keyed by
+    checkpoint.variable_path). A missing or mis-shaped entry raises CheckpointError."""
+    from flaxen.checkpoint import variable_path
 
-    Returns (new target, number of copied tensors, key paths left fresh). A shared path with a
+    flat_shardings = None if shardings is None else jax.tree.leaves(shardings)
+    leaves = []
+    for index, (path, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(target)):
+        key = variable_path(path)
+        if key not in arrays:
+            raise CheckpointError(f"{where} has no parameter {'.'.join(key)} (shape {tuple(leaf.shape)}) of this model")
+        value = arrays[key]
+        if tuple(value.shape) != tuple(leaf.shape):
+            raise CheckpointError(f"{where}: parameter {'.'.join(key)} has shape {tuple(value.shape)} there but "
+                                  f"{tuple(leaf.shape)} in this model")
+        value = np.asarray(value).astype(leaf.dtype)
+        leaves.append(jax.device_put(value, flat_shardings[index]) if flat_shardings else jax.numpy.asarray(value))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
+
+
+def transfer(arrays: dict, target, source_name: str) -> tuple[Any, int, list[str]]:
+    """Copies checkpoint `arrays` (keyed by checkpoint.variable_path) into `target` where paths agree.
+
+    Returns (new target, number of copied tensors, paths left fresh). A shared path with a
     different shape raises CheckpointError naming the parameter and both shapes.
     """
-    source_leaves = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(source)}
+    from flaxen.checkpoint import variable_path
+
     copied, fresh = 0, []
 
     def pick(path, value):
         nonlocal copied
-        key = jax.tree_util.keystr(path)
-        if key not in source_leaves:
-            fresh.append(key)
+        key = variable_path(path)
+        if key not in arrays:
+            fresh.append(".".join(key))
             return value
-        other = source_leaves[key]
+        other = arrays[key]
         if tuple(other.shape) != tuple(value.shape):
             raise CheckpointError(
-                f"init_from={source_name}: parameter {key} has shape {tuple(other.shape)} there but "
+                f"init_from={source_name}: parameter {'.'.join(key)} has shape {tuple(other.shape)} there but "
                 f"{tuple(value.shape)} in this model")
         copied += 1
-        return jax.device_put(other.astype(value.dtype), value.sharding)
+        return jax.device_put(np.asarray(other).astype(value.dtype), value.sharding)
 
     new = jax.tree_util.tree_map_with_path(pick, target)
     return new, copied, fresh

@@ -1,0 +1,116 @@
+"""eval.py's work: find what to evaluate (a run's best or chosen checkpoint, or a pretrained
+model), rebuild the model, evaluate one split, print a table and write eval_<split>.json.
+
+Why separate from flaxen.evaluate: that module computes metrics from a step function and a
+loader; this one resolves configs, run directories and checkpoints around it.
+
+A run is evaluated with its own saved config (config.yaml) and model description (model.json);
+command-line `key=value` overrides re-apply on top (e.g. data_dir, eval_batch_size, mesh.*), but
+group choices (data=..., model=...) cannot change a trained run and are rejected.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+from flax import nnx
+from omegaconf import OmegaConf
+
+from flaxen import checkpoint as checkpointing
+from flaxen import config as config_lib
+from flaxen import evaluate as evaluation
+from flaxen import logging as run_logging
+from flaxen import modeling, sharding, steps
+from flaxen.errors import ConfigError
+
+EVAL_KEYS = ("run_dir", "split", "checkpoint", "step", "output_dir")
+GROUPS = ("model", "task", "data", "optimizer", "schedule", "peft", "mesh", "experiment")
+
+
+def _run_config(run_dir: str, overrides: list[str]):
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise checkpointing.CheckpointError(f"{path} not found: {run_dir} is not a flaxen run directory")
+    cfg = OmegaConf.merge(OmegaConf.structured(config_lib.TrainConfig), OmegaConf.load(path))
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key in EVAL_KEYS or key.startswith("hydra"):
+            continue
+        if key in GROUPS:
+            raise ConfigError(f"{override.input_line}: a trained run keeps its own {key}; "
+                              "override single keys instead (e.g. data_dir=..., eval_batch_size=...)")
+        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+            raise ConfigError(f"{override.input_line}: key {key!r} is not in the run's config")
+        OmegaConf.update(cfg, key, override.value(), merge=False)
+    return cfg
+
+
+def _load_task_data(cfg):
+    from flaxen.data import load_task_data
+
+    tokenizer_path = os.path.expanduser(cfg.model.pretrained) if cfg.model.pretrained else None
+    return load_task_data(cfg.data, cfg.task.name, os.path.abspath(os.path.expanduser(cfg.data_dir)),
+                          tokenizer_path=tokenizer_path)
+
+
+def evaluate_from_config(cfg: Any, overrides: list[str]) -> dict:
+    """See the module docstring; returns what eval_<split>.json holds."""
+    source = cfg.checkpoint or cfg.run_dir
+    if source is None and cfg.model.pretrained is None:
+        raise ConfigError("nothing to evaluate: give run_dir=PATH, checkpoint=PATH or model.pretrained=PATH")
+    if source is not None:
+        directory, path_step = checkpointing.find_checkpoint_dir(source)
+        run_dir = os.path.dirname(directory)
+        train_cfg = _run_config(run_dir, overrides)
+        task_data = _load_task_data(train_cfg)
+        ckpt = checkpointing.Checkpointer(directory, read_only=True, best_metric=config_lib.best_metric(train_cfg))
+        step = cfg.step if cfg.step is not None else path_step if path_step is not None else ckpt.best_step()
+        if step is None:
+            raise checkpointing.CheckpointError(f"no checkpoint in {directory}")
+        spec = modeling.read_spec(run_dir)
+        abstract = spec.build_abstract()
+        graphdef, state = nnx.split(abstract)
+        state = modeling.fill(state, ckpt.restore_arrays(step), f"checkpoint {directory}/{step}")
+        ckpt.close()
+        model = nnx.merge(graphdef, state)
+        origin = {"run_dir": run_dir, "checkpoint": os.path.join(directory, str(step)), "step": step}
+        output_dir = cfg.output_dir or run_dir
+    else:
+        config_lib.validate(cfg)
+        train_cfg = cfg
+        task_data = _load_task_data(cfg)
+        model, _ = modeling.build(cfg, task_data)
+        origin = {"pretrained": os.path.abspath(os.path.expanduser(cfg.model.pretrained))}
+        output_dir = cfg.output_dir or os.path.join("runs", f"{cfg.experiment_name}_pretrained")
+
+    splits = getattr(task_data, "splits", None)
+    if splits is not None and cfg.split not in splits:
+        raise ConfigError(f"split={cfg.split!r}: the data has splits {', '.join(splits)}")
+    mesh = sharding.make_mesh(train_cfg.mesh)
+    rules = dict(train_cfg.mesh.logical_axis_rules)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    param_shardings = sharding.state_shardings(mesh, params, rules)
+    rest_shardings = sharding.state_shardings(mesh, rest, rules)
+    params, rest = jax.device_put(params, param_shardings), jax.device_put(rest, rest_shardings)
+    batch_sharding = sharding.batch_sharding(mesh)
+    eval_step = steps.make_eval_step(graphdef, train_cfg.task.name, param_shardings=param_shardings,
+                                     rest_shardings=rest_shardings, batch_sharding=batch_sharding,
+                                     replicated=sharding.replicated(mesh))
+    batch_size = cfg.eval_batch_size
+    if batch_size % sharding.batch_divisor(mesh):
+        raise ConfigError(f"eval_batch_size={batch_size} is not divisible by the mesh's "
+                          f"{sharding.batch_divisor(mesh)} batch shards")
+    result = evaluation.evaluate(eval_step, params, rest, task_data, train_cfg.task.name, cfg.split,
+                                 batch_size=batch_size, batch_sharding=batch_sharding, max_batches=cfg.eval_batches)
+    report = {"split": cfg.split, "task": train_cfg.task.name, **origin, "metrics": result}
+    title = f"{train_cfg.task.name} on {cfg.split}: " + (
+        f"{origin['checkpoint']}" if "checkpoint" in origin else origin["pretrained"])
+    print(evaluation.format_table(result, title))
+    if jax.process_index() == 0:
+        path = os.path.join(output_dir, f"eval_{cfg.split}.json")
+        run_logging.write_json(path, report)
+        print(f"wrote {path}")
+    return report
