@@ -9,7 +9,7 @@ names (`glue/sst2`, `conll2003`, ...) go through tfds's own builders. Records, a
   classification: {"text": str, "text_pair": str, "label": int (float32 if regression)}
   text:           {"text": str}   (a chunk of whole lines; chunks concatenate to the split's text)
 
-Layout: `<prepared>/<builder>/<name>-<key>/1.0.0/` where `<prepared>` is `data.prepared_dir`, else
+Layout: `<prepared>/<builder>/<name>_<key>/<FORMAT_VERSION>/` where `<prepared>` is `data.prepared_dir`, else
 `<data_dir>/tfds` (a per-user cache when data_dir is read-only) and `<key>` hashes the raw files'
 sha256 and the parsing options, so a changed file is rebuilt into a new directory and the earlier
 one stays intact. Raw files are parsed and checked in full before anything is written; tfds writes
