@@ -1,6 +1,6 @@
 """Houlsby bottleneck adapters after the attention and MLP output projections (Houlsby et al. 2019).
 
-    y = base(x);   y + up(act(down(y)))      down [embed, size], up [size, embed]
+    y = base(x);   y + up(act(down(y)))      down [embed, size] + [size], up [size, embed] + [embed]
 
 The adapter wraps the block's output projections (`attention.out` and `output`), so it runs on
 the sublayer's output before the residual add (and, in BERT, before the post-LN). `up` starts at
@@ -16,7 +16,7 @@ from flax import nnx
 from models.layers import Dense
 from models.peft import targets
 from models.peft.config import AdapterConfig
-from models.peft.variables import AdapterParam, axis_names, peft_param
+from models.peft.variables import AdapterParam, Projection, axis_names
 
 ADAPTED = ("attention.out", "output")
 ACTIVATIONS = {
@@ -38,18 +38,14 @@ class AdapterDense(Dense):
         (features,) = self.out_shape
         out_name = axis_names(base.kernel)[-1]
         down = init_std * jax.random.normal(rngs.params(), (features, size), jnp.float32)
-        self.adapter_down = peft_param(AdapterParam, down, (out_name, "adapter"))
-        self.adapter_down_bias = peft_param(AdapterParam, jnp.zeros((size,), jnp.float32), ("adapter",))
-        self.adapter_up = peft_param(AdapterParam, jnp.zeros((size, features), jnp.float32), ("adapter", out_name))
-        self.adapter_up_bias = peft_param(AdapterParam, jnp.zeros((features,), jnp.float32), (out_name,))
+        self.adapter_down = Projection(AdapterParam, down, (out_name, "adapter"), dtype=self.dtype)
+        self.adapter_up = Projection(AdapterParam, jnp.zeros((size, features), jnp.float32), ("adapter", out_name),
+                                     dtype=self.dtype)
         self.activation = activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = super().__call__(x)
-        dt = self.dtype
-        h = y @ self.adapter_down[...].astype(dt) + self.adapter_down_bias[...].astype(dt)
-        h = ACTIVATIONS[self.activation](h)
-        return y + (h @ self.adapter_up[...].astype(dt) + self.adapter_up_bias[...].astype(dt))
+        return y + self.adapter_up(ACTIVATIONS[self.activation](self.adapter_down(y)))
 
 
 def apply_adapters(model, config: AdapterConfig, rngs: nnx.Rngs) -> None:

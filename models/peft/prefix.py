@@ -23,7 +23,7 @@ from flax import nnx
 from models.attention import SelfAttention, dot_product_attention
 from models.peft import targets
 from models.peft.config import PrefixConfig
-from models.peft.variables import PrefixParam, peft_param
+from models.peft.variables import PrefixParam, Projection, peft_param
 
 
 class PrefixEncoder(nnx.Module):
@@ -34,17 +34,13 @@ class PrefixEncoder(nnx.Module):
         k1, k2, k3 = rngs.params(), rngs.params(), rngs.params()
         out = (num_layers, 2, num_heads, head_dim)
         self.embedding = peft_param(PrefixParam, jax.random.normal(k1, (length, embed)), ("prefix", "embed"))
-        self.hidden_kernel = peft_param(
-            PrefixParam, jax.random.normal(k2, (embed, hidden)) / math.sqrt(embed), ("embed", "prefix_hidden"))
-        self.hidden_bias = peft_param(PrefixParam, jnp.zeros((hidden,)), ("prefix_hidden",))
-        self.output_kernel = peft_param(
-            PrefixParam, init_std / math.sqrt(hidden) * jax.random.normal(k3, (hidden,) + out),
-            ("prefix_hidden", None, None, "heads", "head_dim"))
-        self.output_bias = peft_param(PrefixParam, jnp.zeros(out), (None, None, "heads", "head_dim"))
+        self.hidden = Projection(PrefixParam, jax.random.normal(k2, (embed, hidden)) / math.sqrt(embed),
+                                 ("embed", "prefix_hidden"))
+        self.output = Projection(PrefixParam, init_std / math.sqrt(hidden) * jax.random.normal(k3, (hidden,) + out),
+                                 ("prefix_hidden", None, None, "heads", "head_dim"))
 
     def __call__(self) -> jax.Array:
-        h = jnp.tanh(self.embedding[...] @ self.hidden_kernel[...] + self.hidden_bias[...])
-        return jnp.tensordot(h, self.output_kernel[...], axes=1) + self.output_bias[...]
+        return self.output(jnp.tanh(self.hidden(self.embedding[...])))
 
 
 class PrefixSelfAttention(SelfAttention):

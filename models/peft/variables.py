@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -42,3 +43,20 @@ def axis_names(variable: nnx.Variable) -> tuple:
     """Logical axis names of an existing parameter (None per axis where it has none)."""
     names = variable.get_metadata().get("out_sharding")
     return tuple(names) if names is not None else (None,) * variable[...].ndim
+
+
+class Projection(nnx.Module):
+    """x · kernel + bias with PEFT parameters of type `cls` (adapter and prefix MLP layers).
+
+    kernel [in, *out], bias [*out], computed in `dtype`. The names `kernel` / `bias` follow the
+    base layers, so conventions keyed on them (no weight decay on biases) apply here too.
+    """
+
+    def __init__(self, cls: type[PeftParam], kernel: jax.Array, axes: Sequence[str | None], *, dtype=jnp.float32):
+        self.kernel = peft_param(cls, kernel, axes)
+        self.bias = peft_param(cls, jnp.zeros(kernel.shape[1:], jnp.float32), axes[1:])
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=1)
+        return y + self.bias[...].astype(self.dtype)
