@@ -473,8 +473,11 @@ MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FLAXEN_SLOW") != "1", reason="slow (a JAX process of its own); FLAXEN_SLOW=1 runs it")
 def test_lora_on_a_two_device_mesh():
-    """PEFT parameters follow the sharding of the layer they adapt (CPU devices, own process)."""
+    """PEFT parameters follow the sharding of the layer they adapt (2 CPU devices, own process).
+    test_peft_parameters_carry_the_adapted_layers_axis_names covers the axis names in the default run."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
