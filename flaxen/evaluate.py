@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from flaxen import metrics, sharding, tasks
+from flaxen.errors import DataError
 
 
 def _rows(batch: dict) -> np.ndarray:
@@ -85,7 +86,8 @@ def _token_metrics(task_data, split: str, outputs, host) -> dict:
             predicted.append(_word_predictions(output["predictions"][row], rows["labels"][row], count, names, outside))
             gold_words = list(gold_all[len(gold)])
             if len(gold_words) != count:
-                raise ValueError(f"{split} example {len(gold)}: word_count {count} but {len(gold_words)} gold tags")
+                raise DataError(f"{split} example {len(gold)}: the batch says {count} words but the split's "
+                                f"gold tags have {len(gold_words)}")
             gold.append(gold_words)
     if scheme is not None:
         scores = metrics.entity_scores(gold, predicted, scheme)

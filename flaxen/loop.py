@@ -87,6 +87,11 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
     log = print if is_main else (lambda *a, **k: None)
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
+        previous = os.path.join(run_dir, "config.yaml")
+        if os.path.isfile(previous) and os.path.isdir(os.path.join(run_dir, "checkpoints")):
+            changes = _config_changes(OmegaConf.load(previous), cfg)
+            if changes:
+                log("this run directory was started with a different config: " + "; ".join(changes))
         run_logging.write_json(os.path.join(run_dir, "config.json"), config_lib.to_container(cfg))
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
@@ -311,6 +316,23 @@ def _init_from(source: str, params, log):
         raise checkpointing.CheckpointError(f"init_from={source}: no parameter of {directory}/{step} matches this model")
     log(f"init_from {directory}/{step}: copied {copied} tensors; fresh: {', '.join(fresh) if fresh else 'none'}")
     return params, {"checkpoint": os.path.join(directory, str(step)), "copied": copied, "fresh": fresh}
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _config_changes(old, new) -> list[str]:
+    """'key: old -> new' for every resolved key that differs between two configs."""
+    before = _flatten(OmegaConf.to_container(old, resolve=True))
+    after = _flatten(config_lib.to_container(new))
+    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)]
 
 
 def _best_metric_of_run(run_dir: str):

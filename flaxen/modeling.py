@@ -70,8 +70,10 @@ def num_labels_of(cfg: Any, task_data: Any) -> int:
         return 2
     if cfg.task.num_labels is not None:
         return int(cfg.task.num_labels)
+    if getattr(task_data, "num_labels", None):
+        return int(task_data.num_labels)
     if task_data.label_names is None:
-        raise ConfigError(f"task.num_labels is not set and data '{cfg.data}' declares no label names")
+        raise ConfigError(f"task.num_labels is not set and data '{cfg.data.name}' declares no label names")
     return len(task_data.label_names)
 
 

@@ -1,0 +1,215 @@
+"""Benchmarks of flaxen's train step: one JSON line per case.
+
+    python scripts/bench.py [--cases peak,minilm,gpt_nano] [--steps 10] [--warmup 3] [--torch]
+
+First the host's f32 matmul peak (2048 x 2048 x 2048 under jax.jit, median of 10 after warm-up),
+then, with the same train step flaxen.loop runs (nnx split once, jit with shardings on a 1-device
+mesh, donated state, dropout keys folded from the step):
+  minilm    all-MiniLM-L6-v2 (real weights when installed) + 2-class head, full fine-tuning with
+            AdamW, batch 32 x 128 tokens, dropout on (as Hugging Face's model.train());
+  gpt_nano  nanoGPT's CPU model (4 layers, 4 heads, 128 wide, 65 symbols) + causal LM, batch 12 x 64,
+            AdamW (beta2 0.99, weight decay 0.1), clip 1.0, dropout 0.
+Each case reports step time (median and mean over --steps timed steps), tokens/s and MFU: model
+FLOPs per step = 6 x non-embedding parameters x tokens + 12 x layers x batch x seq^2 x width,
+divided by step time and by the peak measured in this process.
+`--torch` also times Hugging Face PyTorch on the minilm case in this process (torch and transformers
+needed) and reports flaxen's speed-up over it (> 1: flaxen is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import models  # noqa: E402
+from flaxen import modeling, optim, sharding, steps  # noqa: E402
+from flaxen.config import MeshConfig, OptimizerConfig  # noqa: E402
+from flaxen.loop import RNG_IMPL  # noqa: E402
+
+
+def emit(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """f32 GFLOP/s of a jitted size^3 matmul (median of `repeats` after warm-up)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def model_flops(config: models.ModelConfig, non_embedding_params: int, batch: int, seq: int) -> float:
+    tokens = batch * seq
+    return 6 * non_embedding_params * tokens + 12 * config.num_layers * batch * seq**2 * config.hidden_size
+
+
+def non_embedding_parameters(params) -> int:
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if "embedding" not in jax.tree_util.keystr(path):
+            total += int(np.prod(leaf.shape))
+    return total
+
+
+def time_train_step(model, task: str, optimizer_cfg, batch: dict, steps_timed: int, warmup: int) -> dict:
+    """Median / mean seconds of flaxen's train step on `batch` (same setup as flaxen.loop)."""
+    mesh = sharding.make_mesh(MeshConfig())
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    param_shardings = sharding.state_shardings(mesh, params, {})
+    rest_shardings = sharding.state_shardings(mesh, rest, {})
+    schedule = optax.constant_schedule(optimizer_cfg.lr)
+    optimizer = optim.make_optimizer(optimizer_cfg, schedule, optim.decay_mask(model, params))
+    params = jax.device_put(params, param_shardings)
+    opt_shardings = sharding.optimizer_state_shardings(mesh, jax.eval_shape(optimizer.init, params), params,
+                                                       param_shardings)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = steps.make_train_step(
+        graphdef, task, optimizer, schedule=schedule, param_shardings=param_shardings, opt_shardings=opt_shardings,
+        rest_shardings=rest_shardings, batch_sharding=batch_sharding, replicated=sharding.replicated(mesh))
+    rng = jax.random.key(0, impl=RNG_IMPL)
+    start = time.perf_counter()
+    params, opt_state, metrics = train_step(params, opt_state, rest, sharding.put_batch(batch, batch_sharding),
+                                            np.int32(0), rng)
+    jax.block_until_ready(metrics)
+    compile_seconds = time.perf_counter() - start
+    for step in range(1, warmup):
+        params, opt_state, metrics = train_step(params, opt_state, rest, sharding.put_batch(batch, batch_sharding),
+                                                np.int32(step), rng)
+    jax.block_until_ready(metrics)
+    times = []
+    for step in range(warmup, warmup + steps_timed):
+        start = time.perf_counter()
+        params, opt_state, metrics = train_step(params, opt_state, rest, sharding.put_batch(batch, batch_sharding),
+                                                np.int32(step), rng)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
+            "compile_s": compile_seconds, "loss": float(metrics["loss"]),
+            "non_embedding_params": non_embedding_parameters(params)}
+
+
+def minilm_case(args, peak: float) -> dict:
+    batch_size, seq = 32, 128
+    try:
+        path = models.minilm_path()
+        model = models.load_pretrained(path, head="seq_cls", num_labels=2)
+        weights = "all-MiniLM-L6-v2"
+    except Exception:
+        config = models.ModelConfig(family="bert", vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12,
+                                    intermediate_size=1536)
+        model = modeling.ModelSpec(config, "seq_cls", 2).build(0)
+        weights = "random (all-MiniLM-L6-v2 not installed)"
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(1000, 30000, (batch_size, seq)).astype(np.int32),
+             "attention_mask": np.ones((batch_size, seq), np.int32),
+             "token_type_ids": np.zeros((batch_size, seq), np.int32),
+             "labels": rng.integers(0, 2, batch_size).astype(np.int32)}
+    optimizer_cfg = OptimizerConfig(name="adamw", lr=2e-5, weight_decay=0.01, clip_norm=0.0)
+    timing = time_train_step(model, "seq_cls", optimizer_cfg, batch, args.steps, args.warmup)
+    return _row("minilm_seq_cls", model.config, weights, batch_size, seq, timing, peak)
+
+
+def gpt_nano_case(args, peak: float) -> dict:
+    batch_size, seq = 12, 64
+    config = models.ModelConfig(family="gpt2", vocab_size=65, hidden_size=128, num_layers=4, num_heads=4,
+                                intermediate_size=512, max_position_embeddings=64, layer_norm_eps=1e-5,
+                                hidden_dropout=0.0, attention_dropout=0.0)
+    model = modeling.ModelSpec(config, "causal_lm", 2).build(0)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 65, (batch_size, seq + 1)).astype(np.int32)
+    batch = {"input_ids": ids[:, :-1], "attention_mask": np.ones((batch_size, seq), np.int32), "labels": ids[:, 1:]}
+    optimizer_cfg = OptimizerConfig(name="adamw", lr=1e-3, b2=0.99, weight_decay=0.1, clip_norm=1.0)
+    timing = time_train_step(model, "clm", optimizer_cfg, batch, args.steps, args.warmup)
+    return _row("gpt_nano_clm", config, "random", batch_size, seq, timing, peak)
+
+
+def _row(case, config, weights, batch_size, seq, timing, peak) -> dict:
+    flops = model_flops(config, timing["non_embedding_params"], batch_size, seq)
+    step = timing["median_s"]
+    return {"case": case, "weights": weights, "batch": batch_size, "seq": seq,
+            "step_ms": round(step * 1000, 1), "mean_step_ms": round(timing["mean_s"] * 1000, 1),
+            "tokens_per_s": round(batch_size * seq / step, 1), "model_gflop_per_step": round(flops / 1e9, 2),
+            "mfu": round(flops / step / (peak * 1e9), 4), "compile_s": round(timing["compile_s"], 1),
+            "loss": round(timing["loss"], 4), "dtype": config.dtype}
+
+
+def torch_minilm_case(args) -> dict:
+    """Hugging Face PyTorch on the minilm case (the work of ../shared/bench/hf_torch_minilm_step.py)."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(models.minilm_path(), num_labels=2)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    b, t = 32, 128
+    x = torch.randint(1000, 30000, (b, t))
+    y = torch.randint(0, 2, (b,))
+    mask = torch.ones(b, t, dtype=torch.long)
+
+    def step():
+        out = model(input_ids=x, attention_mask=mask, labels=y)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"case": "minilm_seq_cls_hf_torch", "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "batch": b, "seq": t, "step_ms": round(median * 1000, 1),
+            "mean_step_ms": round(statistics.fmean(times) * 1000, 1), "tokens_per_s": round(b * t / median, 1)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="peak,minilm,gpt_nano")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--torch", action="store_true", help="also time Hugging Face PyTorch on the minilm case")
+    args = parser.parse_args()
+    cases = args.cases.split(",")
+    peak = matmul_peak()
+    emit({"case": "host_f32_matmul_peak", "gflops": round(peak, 1), "devices": str(jax.devices()),
+          "cpu_count": os.cpu_count(), "jax": jax.__version__,
+          "date": datetime.datetime.now().isoformat(timespec="seconds")})
+    rows = {}
+    if "minilm" in cases:
+        rows["minilm"] = minilm_case(args, peak)
+        emit(rows["minilm"])
+    if "gpt_nano" in cases:
+        rows["gpt_nano"] = gpt_nano_case(args, peak)
+        emit(rows["gpt_nano"])
+    if args.torch and "minilm" in rows:
+        reference = torch_minilm_case(args)
+        reference["flaxen_speedup"] = round(reference["step_ms"] / rows["minilm"]["step_ms"], 3)
+        emit(reference)
+
+
+if __name__ == "__main__":
+    main()
