@@ -185,6 +185,8 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
         params, meta["init_from"] = _init_from(cfg.init_from, params, log)
 
     def save(step, eval_metrics=None):
+        """Checkpoints `step`; `eval_metrics` only for a new best, so the best checkpoint (the
+        best of those saved with metrics) is the first step that reached the best value."""
         if step in ckpt.all_steps():
             return
         meta.update(step=step, rng=np.asarray(jax.random.key_data(rng)).tolist())
@@ -245,7 +247,7 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
                     writer.write(step, row)
                     bar.update(step, loss=row["loss"], lr=row["learning_rate"], tokens_per_s=row["tokens_per_s"])
                 paused = time.perf_counter()
-                eval_metrics = None
+                new_best = None
                 if do_eval:
                     eval_metrics = last_eval = run_eval(step)
                     last_eval_step = step
@@ -253,7 +255,7 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
                     if _improved(value, meta["best_value"], metric_mode):
                         meta.update(best_value=value, best_step=step, evals_without_improvement=0,
                                     best_eval={k: v for k, v in eval_metrics.items() if k != "report"})
-                        do_save = True
+                        do_save, new_best = True, eval_metrics
                     else:
                         meta["evals_without_improvement"] += 1
                     bar.write(f"step {step}: " + ", ".join(
@@ -263,7 +265,7 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
                         status, stopping, do_save = "early_stopping", True, True
                         bar.write(f"early stopping: {metric_name} has not improved in {patience} evaluations")
                 if do_save:
-                    save(step, eval_metrics)
+                    save(step, new_best)
                 tick += time.perf_counter() - paused
                 if stopping:
                     status = "early_stopping" if status == "early_stopping" else "interrupted"
