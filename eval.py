@@ -36,5 +36,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
     config_lib.register()
     main()
