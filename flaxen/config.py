@@ -14,7 +14,7 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -81,11 +81,25 @@ class PeftConfig:
 
 @dataclass
 class MeshConfig:
-    """Mesh sizes (-1 = all remaining devices) and logical-axis -> mesh-axis rules."""
+    """Mesh sizes (-1 = all remaining devices) and logical-axis -> mesh-axis rules (configs/mesh/).
+    With fsdp > 1 every parameter's largest divisible dimension is also sharded over fsdp."""
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     logical_axis_rules: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process start-up (flaxen.distributed): `initialize` is auto | always | never; auto
+    starts JAX's distributed runtime when the keys below or a cluster environment (SLURM, Open MPI,
+    Cloud TPU, JAX_COORDINATOR_ADDRESS) ask for more than one process. Unset keys: from the environment."""
+    initialize: str = "auto"
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    local_device_ids: Optional[List[int]] = None
+    initialization_timeout: int = 300
 
 
 @dataclass
@@ -97,6 +111,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     experiment_name: str = "default"
     seed: int = 0
     data_dir: str = MISSING

@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 
 from flaxen import checkpoint as checkpointing
 from flaxen import config as config_lib
+from flaxen import distributed
 from flaxen import evaluate as evaluation
 from flaxen import logging as run_logging
 from flaxen import modeling, optim, sharding, steps
@@ -81,6 +82,7 @@ class _StopRequest:
 def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[[int], bool] | None = None,
           task_data: Any = None) -> dict:
     config_lib.validate(cfg)
+    distributed.initialize(cfg.get("distributed"))
     run_dir = os.path.abspath(os.path.expanduser(cfg.run_dir))
     is_main = jax.process_index() == 0
     writer = run_logging.MetricsWriter(run_dir, tensorboard=cfg.tensorboard, enabled=is_main)
@@ -147,13 +149,14 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
         f"batch {cfg.batch_size} = {accum_steps} x {micro_batch}")
 
     # ---- step ----
+    activations = sharding.activation_sharding(mesh, rules)
     train_step = steps.make_train_step(
         graphdef, cfg.task.name, optimizer, schedule=schedule, accum_steps=accum_steps, param_shardings=param_shardings,
         opt_shardings=opt_shardings, rest_shardings=rest_shardings, batch_sharding=batch_sharding,
-        replicated=replicated)
+        replicated=replicated, activation_sharding=activations)
     eval_step = steps.make_eval_step(graphdef, cfg.task.name, param_shardings=param_shardings,
                                      rest_shardings=rest_shardings, batch_sharding=batch_sharding,
-                                     replicated=replicated)
+                                     replicated=replicated, activation_sharding=activations)
 
     def run_eval(step):
         result = evaluation.evaluate(eval_step, params, rest, task_data, cfg.task.name, cfg.eval_split,

@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis rules and the NamedShardings of the train state and batches.
+"""Device mesh, logical-axis rules and the NamedShardings of the train state, batches and activations.
 
 Why: the one train step is jitted with explicit in/out shardings on a `jax.sharding.Mesh`
 (axes `data`, `fsdp`, `tensor`), even on one device, so scaling out only changes the mesh shape
@@ -6,14 +6,24 @@ and the rules in config (configs/mesh/), never the step.
 
 - `make_mesh(mesh_cfg)`: sizes per axis, `-1` = all remaining devices.
 - Rules map a model's logical axis names (its `nnx.Param` sharding metadata, e.g.
-  `('embed', 'mlp')`) to mesh axes: `{'mlp': 'tensor', 'embed': None, ...}`; a name without a
-  rule is replicated.
+  `('embed', 'mlp')`) to mesh axes: `{'mlp': 'tensor', 'heads': 'tensor'}` is Megatron-style
+  tensor parallelism; a name without a rule is replicated. A rule whose mesh axes do not divide
+  the dimension is a ConfigError naming the parameter.
+- FSDP is not a rule: when the mesh's `fsdp` axis is larger than 1, every parameter that no rule
+  already puts on `fsdp` gets its largest dimension that `fsdp` divides (after the rules' own
+  axes) sharded over `fsdp`, preferring a dimension the rules left unsharded. Logical names cannot
+  say this: the largest dimension is `vocab` for an embedding table, `mlp` for an MLP kernel and
+  `embed` for a LayerNorm scale, and a size such as GPT-2's vocabulary (50257) divides by nothing.
+  Parameters with no dimension that divides stay replicated over `fsdp` (they are small).
 - Parameters: `state_shardings(mesh, state, rules)` -> the same pytree of `NamedSharding`.
 - Optimizer state: `optimizer_state_shardings(mesh, opt_state, params, param_shardings)` gives each
   moment the sharding of the parameter it mirrors (matched by pytree path and shape); counters
   and other scalars are replicated.
 - Batches `[batch, ...]`: the batch axis over (`data`, `fsdp`), the rest replicated;
   `put_batch` assembles global arrays from this process's rows.
+- Activations: `activation_sharding(mesh, rules)` resolves the logical names the models put on
+  activations at block boundaries (`('batch', 'length', 'embed')`, `('batch', 'length', 'mlp')`)
+  for `models.layers.activation_sharding`; `batch` is always (`data`, `fsdp`).
 """
 from __future__ import annotations
 
@@ -78,8 +88,16 @@ def check_rules(rules: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     return normalised
 
 
+def _sizes(mesh: Mesh) -> str:
+    return ", ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+
+
+def _entry(axes: tuple[str, ...]):
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
 def logical_to_mesh(logical: Sequence[str | None], rules: Mapping[str, Any], where: str = "") -> PartitionSpec:
-    """PartitionSpec over mesh axes for one array's logical axis names."""
+    """PartitionSpec over mesh axes for one array's logical axis names (the rules only)."""
     rules = check_rules(rules)
     spec, used = [], set()
     for name in logical:
@@ -89,8 +107,34 @@ def logical_to_mesh(logical: Sequence[str | None], rules: Mapping[str, Any], whe
                 f"mesh.logical_axis_rules shard two dimensions of {where or tuple(logical)} over mesh axis "
                 f"{sorted(used.intersection(axes))[0]!r}")
         used.update(axes)
-        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        spec.append(_entry(axes))
     return PartitionSpec(*spec)
+
+
+def param_spec(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int], rules: Mapping[str, Any],
+               where: str = "") -> PartitionSpec:
+    """The PartitionSpec of one parameter of `shape`: the rules' axes, then `fsdp` on its largest
+    dimension that it divides (see the module docstring)."""
+    spec = logical_to_mesh(logical, rules, where)
+    dims = [_mesh_axes(entry) for entry in spec] + [()] * (len(shape) - len(spec))
+    for dim, (size, axes) in enumerate(zip(shape, dims)):
+        shards = math.prod(mesh.shape[a] for a in axes)
+        if size % shards:
+            raise ConfigError(
+                f"mesh.logical_axis_rules.{logical[dim]}={list(axes)} splits dimension {dim} of "
+                f"{where or 'a parameter'} (size {size}, shape {tuple(shape)}) into {shards} shards, which do not "
+                f"divide it; change the rule or the mesh sizes ({_sizes(mesh)})")
+    fsdp = mesh.shape["fsdp"]
+    if fsdp > 1 and not any("fsdp" in axes for axes in dims):
+        candidates = []
+        for dim, (size, axes) in enumerate(zip(shape, dims)):
+            shards = math.prod(mesh.shape[a] for a in axes)
+            if (size // shards) % fsdp == 0:
+                candidates.append((shards == 1, size // shards, -dim))
+        if candidates:
+            dim = -max(candidates)[2]
+            dims[dim] = dims[dim] + ("fsdp",)
+    return PartitionSpec(*(_entry(axes) for axes in dims))
 
 
 def _is_spec(x) -> bool:
@@ -98,14 +142,17 @@ def _is_spec(x) -> bool:
 
 
 def state_shardings(mesh: Mesh, state: nnx.State, rules: Mapping[str, Any]):
-    """The pytree of NamedShardings of an nnx.State, from its variables' logical axis names."""
+    """The pytree of NamedShardings of an nnx.State (arrays or ShapeDtypeStructs), from its
+    variables' logical axis names, the rules and FSDP (`param_spec`)."""
     logical = nnx.get_partition_spec(state)
     paths_and_specs = jax.tree_util.tree_flatten_with_path(logical, is_leaf=_is_spec)[0]
-    treedef = jax.tree_util.tree_structure(state)
+    leaves, treedef = jax.tree_util.tree_flatten(state)
     shardings = []
-    for path, spec in paths_and_specs:
-        names = tuple(spec) if isinstance(spec, PartitionSpec) else ()
-        shardings.append(NamedSharding(mesh, logical_to_mesh(names, rules, jax.tree_util.keystr(path))))
+    for (path, spec), leaf in zip(paths_and_specs, leaves):
+        shape = tuple(np.shape(leaf)) if not hasattr(leaf, "shape") else tuple(leaf.shape)
+        names = tuple(spec) if isinstance(spec, PartitionSpec) else (None,) * len(shape)
+        names = names + (None,) * (len(shape) - len(names))
+        shardings.append(NamedSharding(mesh, param_spec(mesh, names, shape, rules, jax.tree_util.keystr(path))))
     return jax.tree_util.tree_unflatten(treedef, shardings)
 
 
@@ -146,3 +193,25 @@ def batch_divisor(mesh: Mesh) -> int:
 def put_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Host numpy rows of this process -> global jax.Arrays sharded over the batch axes."""
     return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in batch.items()}
+
+
+def activation_sharding(mesh: Mesh, rules: Mapping[str, Any]):
+    """`resolve(logical_names, shape) -> NamedSharding` for `models.layers.activation_sharding`.
+
+    `batch` goes over (data, fsdp); other names follow the rules (`mlp` and `heads` over `tensor`
+    under Megatron-style rules; `embed` and `length` usually replicated). A mesh axis already used by
+    an earlier dimension, or axes that do not divide a dimension, leave that dimension replicated.
+    """
+    rules = {**check_rules(rules), "batch": BATCH_AXES}
+
+    def resolve(logical: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+        spec, used = [], set()
+        for name, size in zip(logical, shape):
+            axes = tuple(a for a in rules.get(name, ()) if a not in used) if name is not None else ()
+            if size % math.prod(mesh.shape[a] for a in axes):
+                axes = ()
+            used.update(axes)
+            spec.append(_entry(axes))
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return resolve

@@ -15,6 +15,9 @@ train_step(params, opt_state, rest, batch, step, rng) -> (params, opt_state, met
     metrics: loss (mean over the batch's scored tokens/rows), grad_norm (before clipping), weight,
     and learning_rate (the `schedule` at this update) when a schedule is given.
 eval_step(params, rest, batch) -> tasks.eval_outputs(...) (replicated).
+
+`activation_sharding` (flaxen.sharding.activation_sharding(mesh, rules)) is entered while the
+model is traced, so the models' block-boundary constraints (models.layers.constrain) apply.
 """
 from __future__ import annotations
 
@@ -27,12 +30,15 @@ from flax import nnx
 
 from flaxen import tasks
 from flaxen.optim import global_norm
+from models import layers
 
 
-def _forward(graphdef, params, rest, task: str, batch: dict, rng):
+def _forward(graphdef, params, rest, task: str, batch: dict, rng, activation_sharding=None):
     model = nnx.merge(graphdef, params, rest)
     deterministic = rng is None
-    out = model(batch["input_ids"], **tasks.model_inputs(task, batch), deterministic=deterministic, dropout_rng=rng)
+    with layers.activation_sharding(activation_sharding):
+        out = model(batch["input_ids"], **tasks.model_inputs(task, batch), deterministic=deterministic,
+                    dropout_rng=rng)
     return out.logits
 
 
@@ -48,11 +54,12 @@ def _micro_batches(batch: dict, accum_steps: int) -> dict:
 
 def make_train_step(graphdef, task: str, optimizer: optax.GradientTransformation, *, schedule=None, accum_steps: int = 1,
                     param_shardings: Any = None, opt_shardings: Any = None, rest_shardings: Any = None,
-                    batch_sharding: Any = None, replicated: Any = None, donate: bool = True):
+                    batch_sharding: Any = None, replicated: Any = None, donate: bool = True,
+                    activation_sharding: Any = None):
     """The jitted train step (see the module docstring). Shardings None = let jit decide."""
 
     def loss_fn(params, rest, batch, rng, weight):
-        logits = _forward(graphdef, params, rest, task, batch, rng)
+        logits = _forward(graphdef, params, rest, task, batch, rng, activation_sharding)
         loss_sum, _ = tasks.loss_terms(task, logits, batch)
         return loss_sum / weight, loss_sum
 
@@ -90,11 +97,11 @@ def make_train_step(graphdef, task: str, optimizer: optax.GradientTransformation
 
 
 def make_eval_step(graphdef, task: str, *, param_shardings: Any = None, rest_shardings: Any = None,
-                   batch_sharding: Any = None, replicated: Any = None):
+                   batch_sharding: Any = None, replicated: Any = None, activation_sharding: Any = None):
     """The jitted eval step: deterministic forward pass, then tasks.eval_outputs."""
 
     def eval_step(params, rest, batch):
-        logits = _forward(graphdef, params, rest, task, batch, None)
+        logits = _forward(graphdef, params, rest, task, batch, None, activation_sharding)
         return tasks.eval_outputs(task, logits, batch)
 
     shardings = dict(in_shardings=(param_shardings, rest_shardings, batch_sharding),

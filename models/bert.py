@@ -13,7 +13,9 @@ from flax import nnx
 
 from models.attention import SelfAttention, padding_mask
 from models.config import ModelConfig
-from models.layers import Dense, Embed, LayerNorm, dropout, gelu_exact
+from models.layers import Dense, Embed, LayerNorm, constrain, dropout, gelu_exact
+
+ACTIVATION = ("batch", "length", "embed")
 
 
 class BertEmbeddings(nnx.Module):
@@ -50,7 +52,7 @@ class BertLayer(nnx.Module):
         rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
         h, _ = self.attention(x, mask, dropout_rng=rngs[0])
         x = self.attention_norm(x + dropout(h, self.dropout_rate, rngs[1]))
-        h = self.output(gelu_exact(self.intermediate(x)))
+        h = self.output(constrain(gelu_exact(self.intermediate(x)), ("batch", "length", "mlp")))
         return self.output_norm(x + dropout(h, self.dropout_rate, rngs[2]))
 
 
@@ -82,10 +84,10 @@ class BertEncoder(nnx.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
         rng = (lambda i: None) if dropout_rng is None else (lambda i: jax.random.fold_in(dropout_rng, i))
-        x = self.embeddings(input_ids, token_type_ids, position_ids, dropout_rng=rng(0))
+        x = constrain(self.embeddings(input_ids, token_type_ids, position_ids, dropout_rng=rng(0)), ACTIVATION)
         mask = padding_mask(attention_mask)
         for i, layer in enumerate(self.layers):
-            x = run_block(layer, x, mask, rng(i + 1), remat=self.config.remat)
+            x = constrain(run_block(layer, x, mask, rng(i + 1), remat=self.config.remat), ACTIVATION)
         pooled = self.pooler(x) if self.pooler is not None else None
         return x, pooled
 

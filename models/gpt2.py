@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention import SelfAttention, causal_mask
-from models.bert import run_block
+from models.bert import ACTIVATION, run_block
 from models.config import ModelConfig
-from models.layers import Dense, Embed, LayerNorm, dropout, gelu_tanh
+from models.layers import Dense, Embed, LayerNorm, constrain, dropout, gelu_tanh
 
 
 class GPT2Block(nnx.Module):
@@ -35,7 +35,7 @@ class GPT2Block(nnx.Module):
         h, cache = self.attention(self.attention_norm(x), mask, dropout_rng=rngs[0], cache=cache,
                                   cache_index=cache_index)
         x = x + dropout(h, self.dropout_rate, rngs[1])
-        h = self.output(gelu_tanh(self.intermediate(self.mlp_norm(x))))
+        h = self.output(constrain(gelu_tanh(self.intermediate(self.mlp_norm(x))), ("batch", "length", "mlp")))
         x = x + dropout(h, self.dropout_rate, rngs[2])
         return x if cache is None else (x, cache)
 
@@ -71,11 +71,12 @@ class GPT2Decoder(nnx.Module):
             position_ids = jnp.broadcast_to(offset + jnp.arange(seq), (batch, seq))
         rng = (lambda i: None) if dropout_rng is None else (lambda i: jax.random.fold_in(dropout_rng, i))
         x = dropout(self.word(input_ids) + self.position(position_ids), self.dropout_rate, rng(0))
+        x = constrain(x, ACTIVATION)
         mask = causal_mask(attention_mask, offset + jnp.arange(seq))
         new_cache = []
         for i, layer in enumerate(self.layers):
             if cache is None:
-                x = run_block(layer, x, mask, rng(i + 1), remat=self.config.remat)
+                x = constrain(run_block(layer, x, mask, rng(i + 1), remat=self.config.remat), ACTIVATION)
             else:
                 x, layer_cache = layer(x, mask, None, cache[i], cache_index)
                 new_cache.append(layer_cache)

@@ -3,10 +3,18 @@
 Every `nnx.Param` carries `out_sharding` metadata naming its logical axes (`'embed'`, `'mlp'`,
 `'heads'`, ...). The names are metadata only (`eager_sharding=False`): sharding rules applied
 later (flaxen.sharding) map them onto a device mesh without touching model code.
+
+Activations get logical names too, at block boundaries: `constrain(x, ('batch', 'length', 'embed'))`.
+It does nothing unless a trainer has entered `activation_sharding(resolve)`, where
+`resolve(names, shape)` returns a `jax.sharding.Sharding`; then it pins `x` to that sharding with
+`jax.lax.with_sharding_constraint`, so the compiler keeps e.g. the batch split over data-parallel
+devices and the MLP hidden layer split over tensor-parallel devices between blocks.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import contextvars
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +25,28 @@ def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
     """An `nnx.Param` annotated with logical axis names (one per dimension)."""
     assert len(axes) == value.ndim, (axes, value.shape)
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+_ACTIVATION_SHARDING: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(resolve: Callable[[tuple[str | None, ...], tuple[int, ...]], jax.sharding.Sharding] | None):
+    """While active (during tracing), `constrain` pins activations to `resolve(names, shape)`."""
+    token = _ACTIVATION_SHARDING.set(resolve)
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`x` with a sharding constraint from its logical axis names; identity outside `activation_sharding`."""
+    resolve = _ACTIVATION_SHARDING.get()
+    if resolve is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, resolve(tuple(axes), tuple(x.shape)))
 
 
 def _shape(features: int | Sequence[int]) -> tuple[int, ...]:
