@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from flaxen import config
+from flaxen import checkpoint, config, loop
 from flaxen.errors import CheckpointError, ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,12 +33,18 @@ def runs(tmp_path_factory):
                                    "log_every=1", "schedule.warmup_steps=1", f"data_dir={data_dir}",
                                    f"run_dir={pretrain_dir}"])
     pretrain = train.run(pretrain_cfg)
+    resumed_dir = str(base / "resumed")
+    resumed_cfg = pretrain_cfg.copy()
+    resumed_cfg.run_dir = resumed_dir
+    stopped = loop.train(resumed_cfg, should_stop=lambda step: step == 1)
+    resumed = loop.train(resumed_cfg)
     finetune_dir = str(base / "finetune")
     finetune_cfg = config.compose(["experiment=quickstart_finetune", *SMALL, "steps=3", "eval_every=3",
                                    "schedule.warmup_steps=1", f"init_from={pretrain_dir}", f"data_dir={data_dir}",
                                    f"run_dir={finetune_dir}"])
     finetune = train.run(finetune_cfg)
-    return {"data_dir": data_dir, "pretrain_dir": pretrain_dir, "pretrain": pretrain,
+    return {"data_dir": data_dir, "pretrain_dir": pretrain_dir, "pretrain": pretrain, "stopped": stopped,
+            "resumed_dir": resumed_dir, "resumed": resumed,
             "finetune_dir": finetune_dir, "finetune": finetune, "eval": _entry("eval")}
 
 
@@ -52,6 +58,20 @@ def test_pretraining_run_writes_its_outputs(runs):
     final = results["final_eval"]
     assert final["perplexity"] == pytest.approx(2.718281828459045 ** final["loss"], rel=1e-6)
     assert results["unigram_entropy"] > 0
+
+
+def test_resume_on_the_grain_loader_is_bitwise(runs):
+    assert runs["stopped"] == {"status": "interrupted", "steps": 1}
+    assert runs["resumed"]["steps"] == 4
+    arrays = []
+    for run_dir in (runs["pretrain_dir"], runs["resumed_dir"]):
+        saved = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True)
+        arrays.append(saved.restore_arrays(4))
+        saved.close()
+    assert arrays[0].keys() == arrays[1].keys()
+    for key in arrays[0]:
+        assert (arrays[0][key] == arrays[1][key]).all(), key
+    assert runs["resumed"]["final_eval"]["loss"] == runs["pretrain"]["final_eval"]["loss"]
 
 
 def test_finetuning_starts_from_the_pretrained_parameters(runs):
