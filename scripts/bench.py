@@ -13,7 +13,8 @@ Each case reports step time (median and mean over --steps timed steps), tokens/s
 FLOPs per step = 6 x non-embedding parameters x tokens + 12 x layers x batch x seq^2 x width,
 divided by step time and by the peak measured in this process.
 `--torch` also times Hugging Face PyTorch on the minilm case in this process (torch and transformers
-needed) and reports flaxen's speed-up over it (> 1: flaxen is faster).
+needed), alternating one flaxen step and one PyTorch step so both see the same machine load, and
+reports flaxen's speed-up over it (> 1: flaxen is faster).
 """
 from __future__ import annotations
 
@@ -70,8 +71,11 @@ def non_embedding_parameters(params) -> int:
     return total
 
 
-def time_train_step(model, task: str, optimizer_cfg, batch: dict, steps_timed: int, warmup: int) -> dict:
-    """Median / mean seconds of flaxen's train step on `batch` (same setup as flaxen.loop)."""
+def prepare_train_step(model, task: str, optimizer_cfg, batch: dict, warmup: int):
+    """flaxen's train step on `batch` (same setup as flaxen.loop), compiled and warmed up.
+
+    Returns (run_one, info): run_one() runs one step to completion; info holds compile time,
+    non-embedding parameter count and the last loss."""
     mesh = sharding.make_mesh(MeshConfig())
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_shardings = sharding.state_shardings(mesh, params, {})
@@ -85,7 +89,8 @@ def time_train_step(model, task: str, optimizer_cfg, batch: dict, steps_timed: i
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = steps.make_train_step(
         graphdef, task, optimizer, schedule=schedule, param_shardings=param_shardings, opt_shardings=opt_shardings,
-        rest_shardings=rest_shardings, batch_sharding=batch_sharding, replicated=sharding.replicated(mesh))
+        rest_shardings=rest_shardings, batch_sharding=batch_sharding, replicated=sharding.replicated(mesh),
+        activation_sharding=sharding.activation_sharding(mesh, {}))
     rng = jax.random.key(0, impl=RNG_IMPL)
     start = time.perf_counter()
     params, opt_state, metrics = train_step(params, opt_state, rest, sharding.put_batch(batch, batch_sharding),
@@ -96,19 +101,36 @@ def time_train_step(model, task: str, optimizer_cfg, batch: dict, steps_timed: i
         params, opt_state, metrics = train_step(params, opt_state, rest, sharding.put_batch(batch, batch_sharding),
                                                 np.int32(step), rng)
     jax.block_until_ready(metrics)
+    state = {"params": params, "opt_state": opt_state, "step": warmup, "metrics": metrics}
+    info = {"compile_s": compile_seconds, "non_embedding_params": non_embedding_parameters(params)}
+
+    def run_one():
+        state["params"], state["opt_state"], state["metrics"] = train_step(
+            state["params"], state["opt_state"], rest, sharding.put_batch(batch, batch_sharding),
+            np.int32(state["step"]), rng)
+        jax.block_until_ready(state["metrics"])
+        state["step"] += 1
+        info["loss"] = float(state["metrics"]["loss"])
+
+    return run_one, info
+
+
+def timed(run_one, count: int) -> list[float]:
     times = []
-    for step in range(warmup, warmup + steps_timed):
+    for _ in range(count):
         start = time.perf_counter()
-        params, opt_state, metrics = train_step(params, opt_state, rest, sharding.put_batch(batch, batch_sharding),
-                                                np.int32(step), rng)
-        jax.block_until_ready(metrics)
+        run_one()
         times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
-            "compile_s": compile_seconds, "loss": float(metrics["loss"]),
-            "non_embedding_params": non_embedding_parameters(params)}
+    return times
 
 
-def minilm_case(args, peak: float) -> dict:
+def time_train_step(model, task: str, optimizer_cfg, batch: dict, steps_timed: int, warmup: int) -> dict:
+    run_one, info = prepare_train_step(model, task, optimizer_cfg, batch, warmup)
+    times = timed(run_one, steps_timed)
+    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), **info}
+
+
+def minilm_setup():
     batch_size, seq = 32, 128
     try:
         path = models.minilm_path()
@@ -125,8 +147,29 @@ def minilm_case(args, peak: float) -> dict:
              "token_type_ids": np.zeros((batch_size, seq), np.int32),
              "labels": rng.integers(0, 2, batch_size).astype(np.int32)}
     optimizer_cfg = OptimizerConfig(name="adamw", lr=2e-5, weight_decay=0.01, clip_norm=0.0)
-    timing = time_train_step(model, "seq_cls", optimizer_cfg, batch, args.steps, args.warmup)
-    return _row("minilm_seq_cls", model.config, weights, batch_size, seq, timing, peak)
+    return model, weights, batch, optimizer_cfg
+
+
+def minilm_case(args, peak: float, torch_step=None) -> tuple[dict, dict | None]:
+    """flaxen's minilm row; with `torch_step` (a Hugging Face step function) both are timed
+    interleaved, step by step, so that load from other processes hits both alike."""
+    model, weights, batch, optimizer_cfg = minilm_setup()
+    run_one, info = prepare_train_step(model, "seq_cls", optimizer_cfg, batch, args.warmup)
+    ours, theirs = [], []
+    for _ in range(args.steps):
+        ours += timed(run_one, 1)
+        if torch_step is not None:
+            theirs += timed(torch_step, 1)
+    timing = {"median_s": statistics.median(ours), "mean_s": statistics.fmean(ours), **info}
+    row = _row("minilm_seq_cls", model.config, weights, 32, 128, timing, peak)
+    reference = None
+    if torch_step is not None:
+        median = statistics.median(theirs)
+        reference = {"case": "minilm_seq_cls_hf_torch", "interleaved_with": "minilm_seq_cls",
+                     "step_ms": round(median * 1000, 1), "mean_step_ms": round(statistics.fmean(theirs) * 1000, 1),
+                     "tokens_per_s": round(32 * 128 / median, 1),
+                     "flaxen_speedup": round(median / timing["median_s"], 3)}
+    return row, reference
 
 
 def gpt_nano_case(args, peak: float) -> dict:
@@ -153,8 +196,9 @@ def _row(case, config, weights, batch_size, seq, timing, peak) -> dict:
             "loss": round(timing["loss"], 4), "dtype": config.dtype}
 
 
-def torch_minilm_case(args) -> dict:
-    """Hugging Face PyTorch on the minilm case (the work of ../shared/bench/hf_torch_minilm_step.py)."""
+def torch_minilm_step(args):
+    """Hugging Face PyTorch on the minilm case (the work of ../shared/bench/hf_torch_minilm_step.py),
+    warmed up; returns (step function, description)."""
     import torch
     from transformers import BertForSequenceClassification
 
@@ -175,15 +219,7 @@ def torch_minilm_case(args) -> dict:
 
     for _ in range(args.warmup):
         step()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {"case": "minilm_seq_cls_hf_torch", "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "batch": b, "seq": t, "step_ms": round(median * 1000, 1),
-            "mean_step_ms": round(statistics.fmean(times) * 1000, 1), "tokens_per_s": round(b * t / median, 1)}
+    return step, {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": b, "seq": t}
 
 
 def main():
@@ -198,17 +234,14 @@ def main():
     emit({"case": "host_f32_matmul_peak", "gflops": round(peak, 1), "devices": str(jax.devices()),
           "cpu_count": os.cpu_count(), "jax": jax.__version__,
           "date": datetime.datetime.now().isoformat(timespec="seconds")})
-    rows = {}
     if "minilm" in cases:
-        rows["minilm"] = minilm_case(args, peak)
-        emit(rows["minilm"])
+        torch_step, torch_info = torch_minilm_step(args) if args.torch else (None, None)
+        row, reference = minilm_case(args, peak, torch_step)
+        emit(row)
+        if reference is not None:
+            emit({**reference, **torch_info})
     if "gpt_nano" in cases:
-        rows["gpt_nano"] = gpt_nano_case(args, peak)
-        emit(rows["gpt_nano"])
-    if args.torch and "minilm" in rows:
-        reference = torch_minilm_case(args)
-        reference["flaxen_speedup"] = round(reference["step_ms"] / rows["minilm"]["step_ms"], 3)
-        emit(reference)
+        emit(gpt_nano_case(args, peak))
 
 
 if __name__ == "__main__":
