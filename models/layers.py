@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -132,11 +133,35 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
 
 
+def _mix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijection that spreads every input bit over the output."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def keep_mask(rng: jax.Array, shape: tuple[int, ...], keep: float) -> jax.Array:
+    """Boolean mask with P(True) = keep, from a counter-based hash keyed by `rng`.
+
+    Why not `jax.random.bernoulli`: on CPU, XLA generates random bits one element at a time
+    (about 50 ns each), which made attention dropout the largest single cost of a BERT training
+    step. Here two 32-bit seeds come from `rng` and every element hashes its own index, so the
+    mask is one fused, multi-threaded elementwise loop (about 8x faster). Masks are a function of
+    (rng, index) only: the same key gives the same mask on any mesh.
+    """
+    seeds = jax.random.bits(rng, (2,), jnp.uint32)
+    index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    h = _mix32(_mix32(index * jnp.uint32(0x9E3779B9) + seeds[0]) ^ seeds[1])
+    return h < jnp.uint32(min(round(keep * 2.0**32), 2**32 - 1))
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout; identity when `rng` is None (deterministic) or the rate is 0."""
     if rng is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    keep = keep_mask(rng, x.shape, 1.0 - rate)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
