@@ -109,7 +109,8 @@ class Embed(nnx.Module):
         self.embedding = param(table, axes)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        table = constrain(self.embedding[...], self.embedding.get_metadata().get("out_sharding", (None, None)))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """[..., features] -> [..., num_embeddings] with the transposed table (tied output layer)."""

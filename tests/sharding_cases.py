@@ -1,0 +1,88 @@
+"""Shared definitions of the multi-device tests (tests/test_sharding_mesh.py and the processes it starts).
+
+Two tiny models (2 layers, 32 wide, 4 heads, vocabulary 64) train for 10 steps on conftest's
+in-memory data through flaxen.loop: a BERT tagger (token_cls, with dropout, so the dropout masks
+must not depend on the mesh either) and a GPT causal LM (clm). The meshes are the presets of
+configs/mesh/ at their sizes on 8 devices: dp (data=8), fsdp (fsdp=8), dp_tp (data=4 x tensor=2)
+and dp_fsdp_tp (data=2 x fsdp=2 x tensor=2).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+from omegaconf import OmegaConf
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+for path in (ROOT, TESTS):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from conftest import InMemoryTaskData  # noqa: E402
+
+STEPS = 10
+BATCH = 16
+SEQ = 16
+COMMON = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+              max_position_embeddings=SEQ, layer_norm_eps=1e-5)
+CASES = {
+    "bert_token_cls": ("token_cls", dict(COMMON, family="bert", hidden_dropout=0.1, attention_dropout=0.1,
+                                         name="tiny_bert")),
+    "gpt_clm": ("clm", dict(COMMON, family="gpt2", hidden_dropout=0.0, attention_dropout=0.0, name="tiny_gpt")),
+}
+MESHES = ("dp", "fsdp", "dp_tp", "dp_fsdp_tp")
+MESH_SHAPES = {"dp": (8, 1, 1), "fsdp": (1, 8, 1), "dp_tp": (4, 1, 2), "dp_fsdp_tp": (2, 2, 2)}
+
+
+def mesh_preset(name: str):
+    return OmegaConf.load(os.path.join(ROOT, "configs", "mesh", f"{name}.yaml"))
+
+
+def task_data(case: str) -> InMemoryTaskData:
+    task, model = CASES[case]
+    return InMemoryTaskData(task, vocab_size=model["vocab_size"], seq_len=SEQ, num_train=64, num_validation=16)
+
+
+def make_cfg(run_dir: str, case: str, mesh: str | None = None, **overrides):
+    """The TrainConfig of `case`: 10 steps of batch 16, a loss logged every step, one checkpoint at the end."""
+    from flaxen import config
+
+    task, model = CASES[case]
+    cfg = OmegaConf.structured(config.TrainConfig)
+    cfg.model = OmegaConf.merge(cfg.model, model)
+    cfg.data.max_length, cfg.data.bucket_lengths, cfg.data.window_length = SEQ, [SEQ], SEQ
+    cfg.task.name = task
+    cfg.run_dir, cfg.data_dir = str(run_dir), str(run_dir)
+    cfg.optimizer.lr = 3e-3
+    settings = dict(steps=STEPS, batch_size=BATCH, log_every=1, eval_every=0, eval_split=None, checkpoint_every=0,
+                    keep_checkpoints=1, progress_bar=False, tensorboard=False)
+    settings.update(overrides)
+    for key, value in settings.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    if mesh is not None:
+        cfg.mesh = OmegaConf.merge(cfg.mesh, mesh_preset(mesh))
+    return cfg
+
+
+def step_losses(run_dir: str) -> list[float]:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    losses = {row["step"]: row["loss"] for row in rows if "loss" in row}
+    return [losses[step] for step in range(1, STEPS + 1)]
+
+
+def final_arrays(run_dir: str, items=("params",)) -> dict[str, np.ndarray]:
+    """The arrays of the run's last checkpoint (restored without a target, so on the topology that
+    wrote it), keyed 'item/path'."""
+    from flaxen import checkpoint
+
+    ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True)
+    step = ckpt.latest_step()
+    out = {}
+    for item in items:
+        for path, value in ckpt.restore_arrays(step, items=(item,)).items():
+            out[item + "/" + "/".join(path)] = np.asarray(value)
+    ckpt.close()
+    return out
