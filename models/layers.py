@@ -92,7 +92,11 @@ class Dense(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """A lookup table [num_embeddings, features]; `attend` uses it as an output projection."""
+    """A lookup table [num_embeddings, features]; `attend` uses it as an output projection.
+
+    The lookup constrains the table to its logical names first, so a trainer that shards the
+    table over FSDP gathers it before the lookup instead of resharding the lookup's output.
+    """
 
     def __init__(
         self,
