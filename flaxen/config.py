@@ -24,12 +24,12 @@ from flaxen.data.config import check_config as check_data_config
 from flaxen.errors import ConfigError
 
 import models
+from models import peft
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TASKS = ("mlm", "clm", "seq_cls", "token_cls")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "warmup_linear", "warmup_cosine")
-PEFT_METHODS = ("none",)
 METRIC_MODES = ("max", "min")
 
 
@@ -75,11 +75,6 @@ class ScheduleConfig:
 
 
 @dataclass
-class PeftConfig:
-    name: str = "none"
-
-
-@dataclass
 class MeshConfig:
     """Mesh sizes (-1 = all remaining devices) and logical-axis -> mesh-axis rules (configs/mesh/).
     With fsdp > 1 every parameter's largest divisible dimension is also sharded over fsdp."""
@@ -109,7 +104,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
+    # configs/peft/*.yaml: `name` (none | lora | adapter | prefix | bitfit) and that method's keys,
+    # checked by models.peft.from_dict in `validate` (the keys differ per method)
+    peft: Any = field(default_factory=lambda: {"name": "none"})
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     experiment_name: str = "default"
@@ -191,7 +188,7 @@ def validate(cfg) -> None:
     _choice("task.name", cfg.task.name, TASKS)
     _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     _choice("schedule.name", cfg.schedule.name, SCHEDULES)
-    _choice("peft.name", cfg.peft.name, PEFT_METHODS)
+    peft.from_dict(cfg.peft)
     for key in ("steps", "batch_size", "eval_batch_size", "keep_checkpoints"):
         _positive(key, cfg[key])
     for key in ("log_every", "eval_every", "checkpoint_every", "schedule.warmup_steps"):

@@ -4,10 +4,12 @@ Why one function: a researcher reads it top to bottom. Sections: mesh, data, mod
 step, checkpoint (resume), loop, end. Everything is decided once at start-up; the loop only
 feeds batches, logs, evaluates and saves.
 
-`train(cfg, trainable_filter=nnx.Param, should_stop=None) -> results dict`
+`train(cfg, trainable_filter=None, should_stop=None) -> results dict`
 - `cfg`: the composed TrainConfig (flaxen.config); outputs go to `cfg.run_dir`.
 - `trainable_filter`: an nnx filter for the parameters that train; everything else becomes
-  the frozen `rest` (no gradients, no optimizer state).
+  the frozen `rest` (no gradients, no optimizer state). None: from `cfg.peft`
+  (models.peft.trainable_filter: every parameter for peft=none, else the PEFT parameters and
+  the task head, plus what the method trains in full).
 - `should_stop(step) -> bool`: checked after every step; True saves a checkpoint and returns
   (as does Ctrl-C / SIGTERM).
 - `task_data`: an object with flaxen.data's TaskData surface to use instead of loading `cfg.data`
@@ -36,6 +38,7 @@ from flaxen import evaluate as evaluation
 from flaxen import logging as run_logging
 from flaxen import modeling, optim, sharding, steps
 from flaxen.errors import ConfigError, FlaxenError
+from models import peft
 
 
 # Dropout keys: XLA's RngBitGenerator ("rbg") compiles to one op, where threefry unrolls into
@@ -79,7 +82,7 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[[int], bool] | None = None,
+def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int], bool] | None = None,
           task_data: Any = None) -> dict:
     config_lib.validate(cfg)
     distributed.initialize(cfg.get("distributed"))
@@ -129,6 +132,9 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
     model, spec = modeling.build(cfg, task_data, log=log)
     if is_main:
         modeling.write_spec(run_dir, spec)
+    if trainable_filter is None:
+        trainable_filter = peft.trainable_filter(model)
+    counts = peft.parameter_counts(model, trainable_filter)
     graphdef, params, rest = nnx.split(model, trainable_filter, ...)
     decay_mask = optim.decay_mask(model, params)
     del model
@@ -144,8 +150,8 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
                                                        param_shardings)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     rng = jax.random.key(cfg.seed, impl=RNG_IMPL)
-    n_trainable, n_total = modeling.count_parameters(params), modeling.count_parameters(params) + modeling.count_parameters(rest)
-    log(f"parameters: {n_total:,} total, {n_trainable:,} trainable; mesh {dict(mesh.shape)}; "
+    log(f"parameters: {counts['total']:,} total, {counts['trainable']:,} trainable "
+        f"({counts['trainable_percent']:.2f}%, peft={spec.peft['name']}); mesh {dict(mesh.shape)}; "
         f"batch {cfg.batch_size} = {accum_steps} x {micro_batch}")
 
     # ---- step ----
@@ -185,7 +191,7 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
             train_loader.set_state(restored["data"])
         log(f"resumed from {ckpt.directory}/{start} (step {meta['step']})")
     elif cfg.init_from is not None:
-        params, meta["init_from"] = _init_from(cfg.init_from, params, log)
+        params, rest, meta["init_from"] = _init_from(cfg.init_from, params, rest, log)
 
     def save(step, eval_metrics=None):
         """Checkpoints `step`; `eval_metrics` only for a new best, so the best checkpoint (the
@@ -292,7 +298,7 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
         "wall_seconds": time.perf_counter() - wall_start, "train_seconds": meta["train_seconds"],
         "tokens": meta["tokens"],
         "tokens_per_s": meta["tokens"] / meta["train_seconds"] if meta["train_seconds"] else None,
-        "parameters": {"total": n_total, "trainable": n_trainable}, **baseline,
+        "parameters": counts, "peft": spec.peft, **baseline,
         "init_from": meta.get("init_from"),
         "optimizer_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(opt_state))),
         "checkpoints": {"directory": ckpt.directory, "steps": ckpt.all_steps(), "best_step": ckpt.best_step()},
@@ -305,9 +311,12 @@ def train(cfg: Any, *, trainable_filter: Any = nnx.Param, should_stop: Callable[
     return results
 
 
-def _init_from(source: str, params, log):
-    """`params` with every tensor that `source`'s best checkpoint holds at the same path, and a
-    record of what was copied (kept in the checkpoints' meta and results.json)."""
+def _init_from(source: str, params, rest, log):
+    """`params` and `rest` with every tensor that `source`'s best checkpoint holds at the same
+    path, and a record of what was copied (kept in the checkpoints' meta and results.json).
+
+    Frozen tensors (`rest`: a PEFT model's base weights) must all come from the source: they
+    never train, so one left at its random initialisation is a mistake, not a fresh head."""
     directory, step = checkpointing.find_checkpoint_dir(source)
     source_ckpt = checkpointing.Checkpointer(directory, read_only=True,
                                              best_metric=_best_metric_of_run(os.path.dirname(directory)))
@@ -317,10 +326,18 @@ def _init_from(source: str, params, log):
     arrays = source_ckpt.restore_arrays(step, items=("params", "rest"))
     source_ckpt.close()
     params, copied, fresh = modeling.transfer(arrays, params, source)
-    if not copied:
+    rest, copied_frozen, fresh_frozen = modeling.transfer(arrays, rest, source)
+    if not copied + copied_frozen:
         raise checkpointing.CheckpointError(f"init_from={source}: no parameter of {directory}/{step} matches this model")
-    log(f"init_from {directory}/{step}: copied {copied} tensors; fresh: {', '.join(fresh) if fresh else 'none'}")
-    return params, {"checkpoint": os.path.join(directory, str(step)), "copied": copied, "fresh": fresh}
+    if fresh_frozen:
+        raise checkpointing.CheckpointError(
+            f"init_from={source}: frozen parameters {', '.join(fresh_frozen)} are not in {directory}/{step}; "
+            "they would never train from their random initialisation. Start from a checkpoint of the same "
+            "base model, or train them (e.g. peft.modules_to_save)")
+    log(f"init_from {directory}/{step}: copied {copied + copied_frozen} tensors; "
+        f"fresh: {', '.join(fresh) if fresh else 'none'}")
+    return params, rest, {"checkpoint": os.path.join(directory, str(step)), "copied": copied + copied_frozen,
+                          "fresh": fresh}
 
 
 def _flatten(tree, prefix=""):

@@ -11,6 +11,11 @@ Starting points, in the order the loop checks them:
   `pad_token_id` taken from the tokenizer.
 - `init_from=RUN_DIR` (on top of from-scratch): parameters whose path exists in RUN_DIR's best
   checkpoint are copied (shapes must agree); the rest (a new head, a pooler) stay fresh.
+
+Parameter-efficient fine-tuning (`peft` config group, models.peft) is applied on top of either
+starting point. PEFT keeps the base parameters' paths, so init_from and checkpoints of the base
+model still match by path; `model.json` records the method (`peft`) and `ModelSpec.build` /
+`build_abstract` apply it again, so eval.py and resume see the same structure.
 """
 from __future__ import annotations
 
@@ -27,41 +32,60 @@ import models
 from flaxen import logging as run_logging
 from flaxen import tasks
 from flaxen.errors import CheckpointError, ConfigError
+from models import peft
 
 MODEL_FILE = "model.json"
+# PEFT parameters are initialised from their own stream of the run's seed: nnx.Rngs(seed) again
+# would hand them the keys the base model's (or the head's) first parameters were drawn with.
+PEFT_SEED_STREAM = 0x50454654
 
 
 @dataclasses.dataclass
 class ModelSpec:
-    """Everything needed to rebuild a run's model: its config, head and labels."""
+    """Everything needed to rebuild a run's model: its config, head, labels and PEFT method
+    (`peft`: a configs/peft mapping or config, kept as models.peft.to_dict; None = a plain model)."""
     config: models.ModelConfig
     head: str | None
     num_labels: int
     label_names: list[str] | None = None
+    peft: Any = None
+
+    def __post_init__(self):
+        self.peft = peft.to_dict(peft.from_dict(self.peft))
 
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "head": self.head, "num_labels": self.num_labels,
-                "label_names": self.label_names}
+                "label_names": self.label_names, "peft": dict(self.peft)}
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelSpec":
         return cls(models.ModelConfig.from_dict(values["config"]), values["head"], values["num_labels"],
-                   values.get("label_names"))
+                   values.get("label_names"), values.get("peft"))
 
     def build(self, seed: int = 0) -> models.Model:
-        """A freshly initialised model. Initialisation runs as one jitted program: eager
-        initialisation would compile one small program per parameter shape."""
+        """A freshly initialised model (with its PEFT method). Initialisation runs as one jitted
+        program: eager initialisation would compile one small program per parameter shape."""
         abstract = self.build_abstract()
         graphdef, _ = nnx.split(abstract)
         state = jax.jit(lambda: nnx.state(self._construct(seed)))()
         return nnx.merge(graphdef, state)
 
     def _construct(self, seed: int) -> models.Model:
-        return models.build_model(self.config, self.head, self.num_labels, rngs=nnx.Rngs(seed))
+        model = models.build_model(self.config, self.head, self.num_labels, rngs=nnx.Rngs(seed))
+        return apply_peft(model, self.peft, seed)
 
     def build_abstract(self) -> models.Model:
         """The model with ShapeDtypeStruct leaves: a restore target that costs no initialisation."""
         return nnx.eval_shape(lambda: self._construct(0))
+
+
+def apply_peft(model: models.Model, config: Any, seed: int) -> models.Model:
+    """`model` with the PEFT method of `config` (a configs/peft mapping; none leaves it plain)."""
+    config = peft.from_dict(config)
+    if isinstance(config, peft.NoPeftConfig):
+        return model
+    key = jax.random.fold_in(jax.random.key(seed), PEFT_SEED_STREAM)
+    return peft.apply(model, config, rngs=nnx.Rngs(key))
 
 
 def num_labels_of(cfg: Any, task_data: Any) -> int:
@@ -78,7 +102,8 @@ def num_labels_of(cfg: Any, task_data: Any) -> int:
 
 
 def build(cfg: Any, task_data: Any, log=print) -> tuple[models.Model, ModelSpec]:
-    """The starting model of a run (pretrained or from scratch; init_from is applied by the loop)."""
+    """The starting model of a run (pretrained or from scratch, with `cfg.peft` applied; init_from
+    is applied by the loop)."""
     head = tasks.HEAD[cfg.task.name]
     num_labels = num_labels_of(cfg, task_data)
     label_names = list(task_data.label_names) if task_data.label_names is not None else None
@@ -89,7 +114,8 @@ def build(cfg: Any, task_data: Any, log=print) -> tuple[models.Model, ModelSpec]
             if label_names is not None and len(label_names) == num_labels:
                 kwargs["id2label"] = label_names
         model = models.load_pretrained(os.path.expanduser(cfg.model.pretrained), head=head, **kwargs)
-        return model, ModelSpec(model.config, head, num_labels, label_names)
+        spec = ModelSpec(model.config, head, num_labels, label_names, cfg.peft)
+        return apply_peft(model, spec.peft, cfg.seed), spec
     values = {k: v for k, v in dict(cfg.model).items() if k not in ("name", "pretrained")}
     tokenizer = task_data.tokenizer
     if values["vocab_size"] != tokenizer.vocab_size:
@@ -97,7 +123,7 @@ def build(cfg: Any, task_data: Any, log=print) -> tuple[models.Model, ModelSpec]
         values["vocab_size"] = tokenizer.vocab_size
     if tokenizer.pad_token_id is not None:
         values["pad_token_id"] = tokenizer.pad_token_id
-    spec = ModelSpec(models.ModelConfig.from_dict(values), head, num_labels, label_names)
+    spec = ModelSpec(models.ModelConfig.from_dict(values), head, num_labels, label_names, cfg.peft)
     return spec.build(cfg.seed), spec
 
 
