@@ -47,7 +47,9 @@ def train_state(cfg, model):
     optimizer = optim.make_optimizer(cfg.optimizer, schedule, optim.decay_mask(model, params))
     param_shardings = sharding.state_shardings(mesh, params, rules)
     rest_shardings = sharding.state_shardings(mesh, rest, rules)
-    params, rest = jax.device_put(params, param_shardings), jax.device_put(rest, rest_shardings)
+    # from host copies: the train step donates its inputs, and the model is reused for the next mesh
+    params = jax.device_put(jax.tree.map(np.asarray, params), param_shardings)
+    rest = jax.device_put(jax.tree.map(np.asarray, rest), rest_shardings)
     opt_shardings = sharding.optimizer_state_shardings(mesh, jax.eval_shape(optimizer.init, params), params,
                                                        param_shardings)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
