@@ -129,8 +129,14 @@ class Checkpointer:
             raise CheckpointError(
                 f"no checkpoint for step {step} in {self.directory}; available steps: {self.all_steps() or 'none'}")
         present = [name for name in items if name in self._item_names(step)]
+        # Targets on this process's first device, from the saved shapes: a checkpoint written on
+        # any mesh or device count restores here (without a target orbax insists on the saving topology).
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        metadata = self.manager.item_metadata(step)
+        targets = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), metadata[name])
+                   for name in present}
         restored = self.manager.restore(
-            step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore() for name in present}))
+            step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(targets[name]) for name in present}))
         arrays = {}
         for name in present:
             for path, value in jax.tree_util.tree_leaves_with_path(restored[name]):
