@@ -47,18 +47,24 @@ class SelfAttention(nnx.Module):
         )
         self.dropout_rate = config.attention_dropout
 
-    def __call__(self, x, mask, *, dropout_rng=None, cache=None, cache_index=None):
-        """x [batch, seq, embed] -> ([batch, seq, embed], updated cache or None).
-
-        With `cache=(k, v)` the new keys/values are written at `cache_index` and attention runs
-        over the whole cache; `mask` must then cover the cache length.
-        """
+    def project(self, x, cache=None, cache_index=None):
+        """Queries, keys and values [batch, seq, heads, head_dim] of x; with a cache, the keys and
+        values are written into it at `cache_index` and the whole cache is returned as k, v."""
         q, k, v = self.query(x), self.key(x), self.value(x)
         if cache is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
             cache = (k, v)
+        return q, k, v, cache
+
+    def __call__(self, x, mask, *, dropout_rng=None, cache=None, cache_index=None):
+        """x [batch, seq, embed] -> ([batch, seq, embed], updated cache or None).
+
+        With `cache=(k, v)` the new keys/values are written at `cache_index` and attention runs
+        over the whole cache; `mask` must then cover the cache length.
+        """
+        q, k, v, cache = self.project(x, cache, cache_index)
         y = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
         return self.out(y), cache
 

@@ -69,12 +69,7 @@ class PrefixSelfAttention(SelfAttention):
         return both[:, 0], both[:, 1]
 
     def __call__(self, x, mask, *, dropout_rng=None, cache=None, cache_index=None):
-        q, k, v = self.query(x), self.key(x), self.value(x)
-        if cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
-            cache = (k, v)
+        q, k, v, cache = self.project(x, cache, cache_index)
         prefix_k, prefix_v = self.prefixes()
         batch = x.shape[0]
         k = jnp.concatenate([jnp.broadcast_to(prefix_k.astype(k.dtype), (batch,) + prefix_k.shape), k], axis=1)
