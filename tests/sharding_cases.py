@@ -86,3 +86,25 @@ def final_arrays(run_dir: str, items=("params",)) -> dict[str, np.ndarray]:
             out[item + "/" + "/".join(path)] = np.asarray(value)
     ckpt.close()
     return out
+
+
+def restore_checkpoint(run_dir: str, cfg, mesh, rules: dict) -> tuple[dict, dict]:
+    """A run's last checkpoint (parameters and optimizer state) restored with the shardings that
+    `mesh` and `rules` give them: ({'params': ..., 'opt_state': ...}, the same with the target shardings)."""
+    import jax
+    from flax import nnx
+
+    from flaxen import checkpoint, modeling, optim, sharding
+
+    abstract = modeling.read_spec(run_dir).build_abstract()
+    _, params, _ = nnx.split(abstract, nnx.Param, ...)
+    schedule = optim.make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.steps)
+    optimizer = optim.make_optimizer(cfg.optimizer, schedule, optim.decay_mask(abstract, params))
+    param_shardings = sharding.state_shardings(mesh, params, rules)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    opt_shardings = sharding.optimizer_state_shardings(mesh, opt_state, params, param_shardings)
+    ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True)
+    restored = ckpt.restore(ckpt.latest_step(), params=modeling.abstract_like(params, param_shardings),
+                            opt_state=modeling.abstract_like(opt_state, opt_shardings), meta=False, data=False)
+    ckpt.close()
+    return restored, {"params": param_shardings, "opt_state": opt_shardings}

@@ -30,7 +30,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from flaxen import checkpoint, loop, modeling, optim, sharding, steps  # noqa: E402
+from flaxen import loop, modeling, optim, sharding, steps  # noqa: E402
 
 
 def spec_list(spec: PartitionSpec, ndim: int) -> list:
@@ -102,21 +102,8 @@ def step_output_specs(cfg, task_data, state) -> dict:
 def restore_onto(run_dir: str, cfg, mesh_cfg) -> tuple[dict, dict]:
     """The run's last checkpoint restored with the shardings of `mesh_cfg`: ({path: array}, {path: spec})."""
     mesh = sharding.make_mesh(mesh_cfg)
-    rules = dict(mesh_cfg.logical_axis_rules)
-    spec = modeling.read_spec(run_dir)
-    abstract = spec.build_abstract()
-    _, params, rest = nnx.split(abstract, nnx.Param, ...)
-    schedule = optim.make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.steps)
-    optimizer = optim.make_optimizer(cfg.optimizer, schedule, optim.decay_mask(abstract, params))
-    param_shardings = sharding.state_shardings(mesh, params, rules)
-    opt_state = jax.eval_shape(optimizer.init, params)
-    opt_shardings = sharding.optimizer_state_shardings(mesh, opt_state, params, param_shardings)
-    ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True)
-    restored = ckpt.restore(ckpt.latest_step(), params=modeling.abstract_like(params, param_shardings),
-                            opt_state=modeling.abstract_like(opt_state, opt_shardings), meta=False, data=False)
-    ckpt.close()
+    restored, expected = cases.restore_checkpoint(run_dir, cfg, mesh, dict(mesh_cfg.logical_axis_rules))
     arrays, specs = {}, {}
-    expected = {"params": param_shardings, "opt_state": opt_shardings}
     for item in ("params", "opt_state"):
         for (path, array), target in zip(jax.tree_util.tree_leaves_with_path(restored[item]),
                                          jax.tree.leaves(expected[item])):

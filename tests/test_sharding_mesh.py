@@ -193,24 +193,13 @@ def _restore_on_one_device(run_dir: str, case: str, mesh: str) -> dict:
     """A run's last checkpoint (parameters and optimizer state) restored onto this process's one device
     with the targets a single-device run would give them; keyed 'item/keystr'."""
     import jax
-    from flax import nnx
 
-    from flaxen import checkpoint, modeling, optim, sharding
+    from flaxen import sharding
     from flaxen.config import MeshConfig
 
     cfg = cases.make_cfg(run_dir, case, mesh)
     single = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    abstract = modeling.read_spec(run_dir).build_abstract()
-    _, params, _ = nnx.split(abstract, nnx.Param, ...)
-    optimizer = optim.make_optimizer(cfg.optimizer, optim.make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.steps),
-                                     optim.decay_mask(abstract, params))
-    param_shardings = sharding.state_shardings(single, params, {})
-    opt_state = jax.eval_shape(optimizer.init, params)
-    opt_shardings = sharding.optimizer_state_shardings(single, opt_state, params, param_shardings)
-    ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True)
-    restored = ckpt.restore(ckpt.latest_step(), params=modeling.abstract_like(params, param_shardings),
-                            opt_state=modeling.abstract_like(opt_state, opt_shardings), meta=False, data=False)
-    ckpt.close()
+    restored, _ = cases.restore_checkpoint(run_dir, cfg, single, {})
     arrays = {}
     for item in ("params", "opt_state"):
         for path, array in jax.tree_util.tree_leaves_with_path(restored[item]):
