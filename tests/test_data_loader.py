@@ -193,3 +193,26 @@ def test_eval_shards_are_disjoint_complete_and_equally_long(cls_data):
     rows = [r for s in shards for b in s for r in rows_of(b)]
     assert Counter(rows) == Counter(expected_rows(cls_data, "validation"))
     assert len(rows) == 103
+
+
+def test_length_grouping_sorts_each_window_and_keeps_its_rows(cls_data, prepared):
+    grouped_data = quickstart(prepared, "classification", "seq_cls", length_grouping=3)
+    plain = cls_data.loader("train", 8, seed=4, train=True)
+    grouped = grouped_data.loader("train", 8, seed=4, train=True)
+    assert grouped.get_state()["length_grouping"] == 3 and "length_grouping" not in plain.get_state()
+    for _ in range(4):
+        want = [r for _ in range(3) for r in rows_of(next(plain))]
+        batches = [next(grouped) for _ in range(3)]
+        assert Counter(r for b in batches for r in rows_of(b)) == Counter(want)
+        spans = sorted((min(map(len, rows_of(b))), max(map(len, rows_of(b)))) for b in batches)
+        assert all(spans[k][1] <= spans[k + 1][0] for k in range(2)), spans
+        for b in batches:
+            assert b["input_ids"].shape[1] == next(x for x in (8, 16, 32) if x >= max(map(len, rows_of(b))))
+    state = json.loads(json.dumps(grouped.get_state()))
+    reference = [next(grouped) for _ in range(5)]
+    resumed = quickstart(prepared, "classification", "seq_cls", length_grouping=3, loader_threads=2).loader(
+        "train", 8, seed=4, train=True)
+    resumed.set_state(state)
+    for want in reference:
+        got = next(resumed)
+        assert all(np.array_equal(got[k], want[k]) for k in want)

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 from flaxen.errors import ConfigError
 
-SOURCES = ("conll", "delimited", "text", "tfds", "synthetic")
+SOURCES = ("conll", "delimited", "text", "tfds", "synthetic", "mixture")
 FORMATS = ("tsv", "csv", "jsonl")
 TAG_SCHEMES = ("IOB1", "IOB2")
 TOKENIZER_KINDS = ("pretrained", "char", "word", "wordpiece", "bpe")
@@ -77,14 +77,21 @@ class DataConfig:
     convert_tag_scheme: Optional[str] = None
     # seq_cls / token_cls: declared label set (None: the sorted labels found in the train split)
     label_names: Optional[List[str]] = None
-    # source=text: fraction of the characters carved off the end as `validation` when no file is given
+    # source=text: fraction of the characters carved off the end as `validation` when no file is given;
+    # source=mixture: fraction of each component's train lines held out as `validation`
     validation_fraction: float = 0.1
+    # source=mixture: data presets (configs/data/<name>.yaml) whose train splits, one sentence or line
+    # per line, make one text corpus (for mlm/clm pretraining; their validation/test text is never read)
+    mixture: List[str] = field(default_factory=list)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(kind="word"))
     # seq_cls / token_cls: rows longer than max_length tokens are truncated; batches are padded to
     # the smallest bucket length that fits their longest row
     max_length: int = 128
     bucket_lengths: List[int] = field(default_factory=lambda: [32, 64, 128])
+    # seq_cls / token_cls training: batches cut from windows of this many batches sorted by length
+    # (0 or 1: plain shuffled batches); most batches then fit a small bucket
+    length_grouping: int = 0
     # mlm / clm: tokens per row
     window_length: int = 64
     mlm_probability: float = 0.15
@@ -121,6 +128,15 @@ def check_config(cfg: DataConfig, task: str) -> None:
         _choice("format", cfg.format, FORMATS)
         if not 1 <= len(cfg.text_columns) <= 2:
             raise ConfigError(f"data.text_columns={list(cfg.text_columns)}: expected one column or a pair")
+    if cfg.source == "mixture":
+        if not cfg.mixture:
+            raise ConfigError("data.source=mixture needs data.mixture: a list of data presets, e.g. [sst2, conll2003]")
+        if task not in ("mlm", "clm"):
+            raise ConfigError(f"data.source=mixture is an unlabelled text corpus: task={task} needs labelled data "
+                              "(use task=mlm or task=clm)")
+        if not 0.0 < cfg.validation_fraction < 1.0:
+            raise ConfigError(f"data.validation_fraction={cfg.validation_fraction}: a mixture holds out a fraction "
+                              "in (0, 1) of each component as validation")
     if cfg.source == "synthetic":
         _choice("synthetic.kind", cfg.synthetic.kind, SYNTHETIC_KINDS)
         for key in ("num_train", "num_validation"):
@@ -150,6 +166,8 @@ def check_config(cfg: DataConfig, task: str) -> None:
         raise ConfigError(f"data.label_names={list(cfg.label_names)} has duplicates")
     if cfg.tokenizer.kind in ("wordpiece", "bpe") and cfg.tokenizer.vocab_size < 64:
         raise ConfigError(f"data.tokenizer.vocab_size={cfg.tokenizer.vocab_size}: expected at least 64")
+    if cfg.length_grouping < 0:
+        raise ConfigError(f"data.length_grouping={cfg.length_grouping}: expected 0 (off) or a number of batches")
     if cfg.loader_threads < 0:
         raise ConfigError(f"data.loader_threads={cfg.loader_threads}: expected 0 or more")
 

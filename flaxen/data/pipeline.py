@@ -14,6 +14,12 @@ batch B see together what one process with batch P*B sees, and their shards are 
 Eval loaders make one ordered pass; every process yields the same number of batches, the last
 filled up with padding rows (`valid` = 0).
 
+With `data.length_grouping=G` (seq_cls / token_cls training), each run of G consecutive batches
+is formed from its G x B shuffled rows sorted by length, in a seeded order: batches hold rows of
+similar length and mostly fall in the small buckets (HF Trainer's group_by_length, as a pure
+function of the batch index, so resume stays exact). Each process groups its own shard, so P
+processes see the same rows per window as one process, in other batches.
+
 Per task: seq_cls / token_cls rows are tokenized on the fly from the records; mlm rows are the
 split's sentences packed into `window_length` rows once, then masked afresh each epoch (eval:
 a fixed mask from the seed); clm rows are windows of the split's token stream (train: uniformly
@@ -26,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 from typing import Any, Optional
 
 import grain
@@ -93,6 +100,36 @@ class Loader:
         if "next_index" not in state:
             raise CheckpointError("the data iterator state has no 'next_index'")
         self._iterator.set_state({"next_index": int(state["next_index"])})
+
+
+class _LengthGrouped:
+    """Batch `index` of a length-grouped train loader (see the module docstring): the rows of its
+    window of `group` batches, sorted by length, cut into batches, in an order seeded by the window."""
+
+    def __init__(self, rows: grain.MapDataset, batch_size: int, group: int, seed: int, batch_fn):
+        self.rows, self.batch_size, self.group, self.seed, self.batch_fn = rows, batch_size, group, seed, batch_fn
+        self._lock = threading.Lock()
+        self._windows: dict[int, list] = {}
+
+    def _window(self, window: int) -> list:
+        with self._lock:
+            if window in self._windows:
+                return self._windows[window]
+        size = self.batch_size * self.group
+        rows = [self.rows[window * size + j] for j in range(size)]
+        order = np.argsort([len(row["input_ids"]) for row in rows], kind="stable")
+        batches = [[rows[i] for i in order[k * self.batch_size:(k + 1) * self.batch_size]] for k in range(self.group)]
+        permutation = np.random.default_rng([self.seed, window]).permutation(self.group)
+        batches = [batches[k] for k in permutation]
+        with self._lock:
+            self._windows[window] = batches
+            for old in sorted(self._windows)[:-2]:
+                del self._windows[old]
+        return batches
+
+    def __call__(self, index: int) -> dict:
+        window, position = divmod(int(index), self.group)
+        return self.batch_fn(self._window(window)[position])
 
 
 class TaskData:
@@ -250,7 +287,11 @@ class TaskData:
         def batch_fn(batch_rows):
             return encoding.collate(batch_rows, batch_size, buckets, pad_id, task)
 
-        if train:
+        group = self.cfg.length_grouping if task in ("seq_cls", "token_cls") else 0
+        if train and group > 1:
+            grouped = _LengthGrouped(rows, batch_size, group, _seed32(seed, 6), batch_fn)
+            batches, num_batches = grain.MapDataset.range(ENDLESS).map(grouped), None
+        elif train:
             batches, num_batches = rows.batch(batch_size, drop_remainder=True, batch_fn=batch_fn), None
         else:
             total = self.num_examples(split)
@@ -264,6 +305,8 @@ class TaskData:
                 "batch_size": int(batch_size), "seed": int(seed), "train": bool(train),
                 "process_index": int(process_index), "process_count": int(process_count),
                 "vocab_size": int(self.tokenizer.vocab_size)}
+        if train and group > 1:
+            meta["length_grouping"] = int(group)
         return Loader(batches, meta, self.cfg.loader_threads, num_batches)
 
 
@@ -271,12 +314,7 @@ class TaskData:
 
 def record_texts(prepared: builders.PreparedDataset, split: str) -> list[str]:
     """See TaskData.texts."""
-    records = prepared.records(split)
-    if prepared.schema == "text":
-        return [r["text"] for r in records]
-    if prepared.schema == "tagging":
-        return [" ".join(r["tokens"]) for r in records]
-    return [t for r in records for t in (r["text"], r["text_pair"]) if t]
+    return prepared.texts(split)
 
 
 def _tokenizer(cfg: DataConfig, task: str, prepared: builders.PreparedDataset, data_dir: str,
