@@ -166,3 +166,25 @@ def test_resumed_loader_replays_the_same_batches(name, request):
         assert got.keys() == want.keys()
         for key in want:
             assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key]), key
+
+
+def test_pretraining_mixture_reads_only_train_text(prepared_dir, sst2, conll, shakespeare):
+    from flaxen.data import load_task_data
+
+    mixture = load_task_data(preset("pretrain_corpus", prepared_dir, tokenizer={"kind": "word"}), "mlm", DATA_DIR)
+    train, held_out = mixture.sentences("train"), mixture.sentences("validation")
+    sst2_lines = [" ".join(t.split()) for t in sst2.texts("train")]
+    conll_lines = conll.texts("train")
+    shakespeare_lines = [" ".join(line.split()) for chunk in shakespeare.texts("train") for line in chunk.split("\n")
+                         if line.strip()]
+    components = [sst2_lines, conll_lines, shakespeare_lines]
+    assert [len(c) for c in components] == [67349, 14041, len(shakespeare_lines)]
+    assert len(train) + len(held_out) == sum(len(c) for c in components)
+    assert len(held_out) == sum(round(0.01 * len(c)) for c in components)
+    # each component's last 1 % is held out; nothing of a validation or test split is read
+    assert held_out[:round(0.01 * 67349)] == sst2_lines[-round(0.01 * 67349):]
+    assert train[:10] == sst2_lines[:10] and train[-1] == shakespeare_lines[-round(0.01 * len(shakespeare_lines)) - 1]
+    unseen = {" ".join(t.split()) for split in ("validation", "test") for t in conll.texts(split)
+              if len(t.split()) > 8} | {" ".join(t.split()) for t in sst2.texts("validation")}
+    everything = set(train) | set(held_out)
+    assert not (unseen - set(conll_lines) - set(sst2_lines)) & everything

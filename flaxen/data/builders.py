@@ -24,6 +24,7 @@ for Python < 3.9; our builders set `code_path = None` (they have no URL checksum
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -258,6 +259,16 @@ class PreparedDataset:
         return self._cache[split]
 
 
+    def texts(self, split: str) -> list[str]:
+        """The split's text: chunks that concatenate to the corpus (text data), else one string per
+        sentence (tagging: words joined by spaces) or per text field (classification)."""
+        records = self.records(split)
+        if self.schema == "text":
+            return [r["text"] for r in records]
+        if self.schema == "tagging":
+            return [" ".join(r["tokens"]) for r in records]
+        return [t for r in records for t in (r["text"], r["text_pair"]) if t]
+
     def _convert_tags(self, split: str, records: list[dict]) -> None:
         source, target = self.tag_conversion
         index = {name: i for i, name in enumerate(self.label_names)}
@@ -403,7 +414,62 @@ def _local_source(cfg: DataConfig, data_dir: str, root: str) -> tuple[str, DataC
     if cfg.source == "synthetic":
         kind, effective, files = synthetic.write_files(cfg, os.path.join(root, "quickstart"))
         return kind, effective, files
+    if cfg.source == "mixture":
+        files = _write_mixture(cfg, data_dir, os.path.join(root, "mixture", _safe_name(cfg.name)))
+        return "text", dataclasses.replace(cfg, source="text", splits=files), files
     return cfg.source, cfg, _split_files(cfg, data_dir)
+
+
+def mixture_component(name: str) -> DataConfig:
+    """The data preset configs/data/<name>.yaml as a DataConfig (a component of a mixture)."""
+    from omegaconf import OmegaConf
+
+    from flaxen.config import CONFIG_DIR
+
+    path = os.path.join(CONFIG_DIR, "data", f"{name}.yaml")
+    if not os.path.isfile(path):
+        presets = sorted(f[:-5] for f in os.listdir(os.path.dirname(path)) if f.endswith(".yaml"))
+        raise ConfigError(f"data.mixture: {name!r} is not a data preset (configs/data/ has {', '.join(presets)})")
+    component = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path)))
+    if component.source in ("mixture", "tfds"):
+        raise ConfigError(f"data.mixture: {name!r} has source={component.source}; a mixture takes local presets only")
+    return component
+
+
+def _write_mixture(cfg: DataConfig, data_dir: str, directory: str) -> dict[str, str]:
+    """train.txt and validation.txt of a mixture: the train-split text of every component, one
+    sentence (or line) per line; the last `validation_fraction` of each component's lines is held out
+    as validation, so no component's validation or test text is ever read. Files are rewritten only
+    when their content changes (their checksums key the prepared dataset)."""
+    lines = {"train": [], "validation": []}
+    for name in cfg.mixture:
+        prepared = prepare(mixture_component(name), data_dir)
+        texts = prepared.texts("train")
+        if prepared.schema == "text":
+            texts = [line for chunk in texts for line in chunk.split("\n")]
+        component = [" ".join(t.split()) for t in texts if t.strip()]
+        held_out = int(round(len(component) * cfg.validation_fraction))
+        if held_out >= len(component):
+            raise DataError(f"data.mixture: {name!r} has {len(component)} lines of train text, too few to hold out "
+                            f"data.validation_fraction={cfg.validation_fraction}")
+        lines["train"] += component[:len(component) - held_out]
+        lines["validation"] += component[len(component) - held_out:]
+    os.makedirs(directory, exist_ok=True)
+    files = {}
+    for split, content in lines.items():
+        if not content:
+            continue
+        text = "\n".join(content) + "\n"
+        path = files[split] = os.path.join(directory, f"{split}.txt")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                if f.read() == text:
+                    continue
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    return files
 
 
 def prepare(cfg: DataConfig, data_dir: str) -> PreparedDataset:
