@@ -48,12 +48,11 @@ def _run_config(run_dir: str, overrides: list[str]):
     return cfg
 
 
-def _load_task_data(cfg):
+def _load_task_data(cfg, run_dir=None):
     from flaxen.data import load_task_data
 
-    tokenizer_path = os.path.expanduser(cfg.model.pretrained) if cfg.model.pretrained else None
     return load_task_data(cfg.data, cfg.task.name, os.path.abspath(os.path.expanduser(cfg.data_dir)),
-                          tokenizer_path=tokenizer_path)
+                          tokenizer_path=modeling.tokenizer_path(cfg, run_dir))
 
 
 def evaluate_from_config(cfg: Any, overrides: list[str]) -> dict:
@@ -65,7 +64,7 @@ def evaluate_from_config(cfg: Any, overrides: list[str]) -> dict:
         directory, path_step = checkpointing.find_checkpoint_dir(source)
         run_dir = os.path.dirname(directory)
         train_cfg = _run_config(run_dir, overrides)
-        task_data = _load_task_data(train_cfg)
+        task_data = _load_task_data(train_cfg, run_dir)
         ckpt = checkpointing.Checkpointer(directory, read_only=True, best_metric=config_lib.best_metric(train_cfg))
         step = cfg.step if cfg.step is not None else path_step if path_step is not None else ckpt.best_step()
         if step is None:

@@ -8,6 +8,8 @@ TensorBoard (for eyes) never disagree. tensorboardX writes event files without T
   under its key (train rows are prefixed `train/` there).
 - `ProgressBar(total, initial)`: tqdm with loss, learning rate and tokens/s in its postfix.
 - `write_json(path, obj)`: atomic JSON write (temporary file, then rename).
+- `peak_memory()`: the accelerator's peak bytes in use where the backend reports it, else this
+  process's peak resident memory (results.json records it).
 """
 from __future__ import annotations
 
@@ -30,6 +32,19 @@ def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def peak_memory() -> dict:
+    """{"bytes": ..., "kind": ...}: device peak bytes in use (GPU/TPU), else the process's peak RSS."""
+    import resource
+
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return {"bytes": int(stats["peak_bytes_in_use"]), "kind": f"{jax.default_backend()} peak bytes in use"}
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "kind": "host peak RSS"}
 
 
 def write_json(path: str, obj) -> None:

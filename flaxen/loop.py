@@ -20,6 +20,7 @@ written after a finiteness check, so the last good one survives.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -115,11 +116,12 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
 
     # ---- data ----
     data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir))
-    tokenizer_path = os.path.expanduser(cfg.model.pretrained) if cfg.model.pretrained else None
     if task_data is None:
         from flaxen.data import load_task_data
 
-        task_data = load_task_data(cfg.data, cfg.task.name, data_dir, tokenizer_path=tokenizer_path)
+        task_data = load_task_data(cfg.data, cfg.task.name, data_dir, tokenizer_path=modeling.tokenizer_path(cfg))
+    if is_main and getattr(task_data, "tokenizer", None) is not None:
+        modeling.write_tokenizer(run_dir, task_data.tokenizer)
     train_loader = task_data.loader("train", cfg.batch_size // jax.process_count(), seed=cfg.seed, train=True,
                                     process_index=jax.process_index(), process_count=jax.process_count())
 
@@ -204,6 +206,13 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
 
     # ---- loop ----
     step = int(meta["step"])
+    finished = os.path.join(run_dir, "results.json")
+    if step >= cfg.steps and os.path.isfile(finished):
+        ckpt.close()
+        writer.close()
+        log(f"{run_dir} already finished {step} steps; its results.json is kept (delete the directory to retrain)")
+        with open(finished) as f:
+            return json.load(f)
     first_step = step + 1
     bar = run_logging.ProgressBar(cfg.steps, initial=step, enabled=is_main and cfg.progress_bar)
     pending, interval_tokens, status = [], 0, "completed"
@@ -301,6 +310,7 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
         "parameters": counts, "peft": spec.peft, **baseline,
         "init_from": meta.get("init_from"),
         "optimizer_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(opt_state))),
+        "peak_memory": run_logging.peak_memory(),
         "checkpoints": {"directory": ckpt.directory, "steps": ckpt.all_steps(), "best_step": ckpt.best_step()},
     }
     ckpt.close()

@@ -10,7 +10,12 @@ Starting points, in the order the loop checks them:
 - from scratch: `models.build_model` with the `model` config group, `vocab_size` and
   `pad_token_id` taken from the tokenizer.
 - `init_from=RUN_DIR` (on top of from-scratch): parameters whose path exists in RUN_DIR's best
-  checkpoint are copied (shapes must agree); the rest (a new head, a pooler) stay fresh.
+  checkpoint are copied (shapes must agree); the rest (a new head, a pooler) stay fresh. The run
+  also takes RUN_DIR's tokenizer (RUN_DIR/tokenizer/), since the copied embedding rows are indexed
+  by that vocabulary.
+
+Every run saves the tokenizer it used as a Hugging Face tokenizer directory, RUN_DIR/tokenizer/,
+which eval.py and later init_from runs read back (`tokenizer_path`).
 
 Parameter-efficient fine-tuning (`peft` config group, models.peft) is applied on top of either
 starting point. PEFT keeps the base parameters' paths, so init_from and checkpoints of the base
@@ -35,6 +40,7 @@ from flaxen.errors import CheckpointError, ConfigError
 from models import peft
 
 MODEL_FILE = "model.json"
+TOKENIZER_DIR = "tokenizer"
 # PEFT parameters are initialised from their own stream of the run's seed: nnx.Rngs(seed) again
 # would hand them the keys the base model's (or the head's) first parameters were drawn with.
 PEFT_SEED_STREAM = 0x50454654
@@ -125,6 +131,37 @@ def build(cfg: Any, task_data: Any, log=print) -> tuple[models.Model, ModelSpec]
         values["pad_token_id"] = tokenizer.pad_token_id
     spec = ModelSpec(models.ModelConfig.from_dict(values), head, num_labels, label_names, cfg.peft)
     return spec.build(cfg.seed), spec
+
+
+def tokenizer_path(cfg: Any, run_dir: str | None = None) -> str | None:
+    """The Hugging Face tokenizer directory a run must use, or None (data.tokenizer decides):
+    model.pretrained's own; else `run_dir`'s saved one (evaluating a trained run); else the
+    init_from run's saved one."""
+    if cfg.model.pretrained:
+        return os.path.expanduser(cfg.model.pretrained)
+    sources = [run_dir] if run_dir is not None else []
+    if cfg.get("init_from"):
+        from flaxen.checkpoint import find_checkpoint_dir
+
+        sources.append(os.path.dirname(find_checkpoint_dir(cfg.init_from)[0]))
+    for source in sources:
+        path = os.path.join(source, TOKENIZER_DIR)
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return path
+    return None
+
+
+def write_tokenizer(run_dir: str, tokenizer) -> None:
+    """Saves `tokenizer` as RUN_DIR/tokenizer/ (into a temporary folder, then swapped in)."""
+    import shutil
+    import tempfile
+
+    target = os.path.join(run_dir, TOKENIZER_DIR)
+    temporary = tempfile.mkdtemp(prefix=".tokenizer-", dir=run_dir)
+    tokenizer.save(temporary)
+    if os.path.isdir(target):
+        shutil.rmtree(target)
+    os.rename(temporary, target)
 
 
 def write_spec(run_dir: str, spec: ModelSpec) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+from omegaconf import OmegaConf
 
 from flaxen import checkpoint, config, loop
 from flaxen.errors import CheckpointError, ConfigError
@@ -117,3 +118,29 @@ def test_eval_rejects_bad_requests_by_name(runs):
     with pytest.raises(CheckpointError, match="does not exist"):
         overrides = ["run_dir=/no/such/run"]
         evaluate.run(config.compose(overrides, config_name="eval"), overrides)
+
+
+def test_runs_keep_their_tokenizer_and_init_from_reads_it(runs):
+    from flaxen import modeling
+    from flaxen.data import tokenizers
+
+    saved = os.path.join(runs["pretrain_dir"], "tokenizer")
+    assert os.path.isfile(os.path.join(saved, "tokenizer.json"))
+    finetune_cfg = config.compose(["experiment=quickstart_finetune", f"init_from={runs['pretrain_dir']}"])
+    assert modeling.tokenizer_path(finetune_cfg) == saved
+    pretrain, finetune = (tokenizers.load_tokenizer(os.path.join(d, "tokenizer"))
+                          for d in (runs["pretrain_dir"], runs["finetune_dir"]))
+    sentence = "the small dog sees a robot ."
+    assert pretrain.encode(sentence) == finetune.encode(sentence)
+
+
+def test_a_finished_run_is_returned_not_retrained(runs):
+    path = os.path.join(runs["pretrain_dir"], "results.json")
+    before = (os.path.getmtime(path), open(path).read())
+    cfg = OmegaConf.load(os.path.join(runs["pretrain_dir"], "config.yaml"))
+    again = loop.train(config.compose(["experiment=quickstart", *SMALL, "steps=4", "eval_every=2",
+                                       "checkpoint_every=2", "log_every=1", "schedule.warmup_steps=1",
+                                       f"data_dir={runs['data_dir']}", f"run_dir={runs['pretrain_dir']}"]))
+    assert cfg.steps == 4
+    assert again == json.load(open(path))
+    assert (os.path.getmtime(path), open(path).read()) == before
