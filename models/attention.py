@@ -38,12 +38,12 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, out_init_std: float | None = None):
         e, n, h = config.hidden_size, config.num_heads, config.head_dim
-        std, dt = config.initializer_range, config.compute_dtype
-        self.query = Dense(e, (n, h), ("embed", "heads", "head_dim"), rngs=rngs, init_std=std, dtype=dt)
-        self.key = Dense(e, (n, h), ("embed", "heads", "head_dim"), rngs=rngs, init_std=std, dtype=dt)
-        self.value = Dense(e, (n, h), ("embed", "heads", "head_dim"), rngs=rngs, init_std=std, dtype=dt)
+        std, dt, bias = config.initializer_range, config.compute_dtype, config.use_bias
+        self.query = Dense(e, (n, h), ("embed", "heads", "head_dim"), rngs=rngs, init_std=std, dtype=dt, use_bias=bias)
+        self.key = Dense(e, (n, h), ("embed", "heads", "head_dim"), rngs=rngs, init_std=std, dtype=dt, use_bias=bias)
+        self.value = Dense(e, (n, h), ("embed", "heads", "head_dim"), rngs=rngs, init_std=std, dtype=dt, use_bias=bias)
         self.out = Dense(
-            (n, h), e, ("heads", "head_dim", "embed"), rngs=rngs, init_std=out_init_std or std, dtype=dt
+            (n, h), e, ("heads", "head_dim", "embed"), rngs=rngs, init_std=out_init_std or std, dtype=dt, use_bias=bias
         )
         self.dropout_rate = config.attention_dropout
 

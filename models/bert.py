@@ -28,7 +28,7 @@ class BertEmbeddings(nnx.Module):
         self.token_type = Embed(
             config.type_vocab_size, config.hidden_size, ("token_type", "embed"), rngs=rngs, init_std=std, dtype=dt
         )
-        self.norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dt)
+        self.norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dt, use_bias=config.use_bias)
         self.dropout_rate = config.hidden_dropout
 
     def __call__(self, input_ids, token_type_ids, position_ids, *, dropout_rng=None):
@@ -42,10 +42,10 @@ class BertLayer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         e, m, std, dt = config.hidden_size, config.intermediate_size, config.initializer_range, config.compute_dtype
         self.attention = SelfAttention(config, rngs=rngs)
-        self.attention_norm = LayerNorm(e, eps=config.layer_norm_eps, dtype=dt)
-        self.intermediate = Dense(e, m, ("embed", "mlp"), rngs=rngs, init_std=std, dtype=dt)
-        self.output = Dense(m, e, ("mlp", "embed"), rngs=rngs, init_std=std, dtype=dt)
-        self.output_norm = LayerNorm(e, eps=config.layer_norm_eps, dtype=dt)
+        self.attention_norm = LayerNorm(e, eps=config.layer_norm_eps, dtype=dt, use_bias=config.use_bias)
+        self.intermediate = Dense(e, m, ("embed", "mlp"), rngs=rngs, init_std=std, dtype=dt, use_bias=config.use_bias)
+        self.output = Dense(m, e, ("mlp", "embed"), rngs=rngs, init_std=std, dtype=dt, use_bias=config.use_bias)
+        self.output_norm = LayerNorm(e, eps=config.layer_norm_eps, dtype=dt, use_bias=config.use_bias)
         self.dropout_rate = config.hidden_dropout
 
     def __call__(self, x, mask, dropout_rng=None):

@@ -33,6 +33,10 @@ class ModelConfig:
     dtype: str = "float32"
     remat: bool = False
     initializer_range: float = 0.02
+    # False: no biases in the Transformer stack's projections and LayerNorms (nanoGPT's bias=False;
+    # task heads and BERT's pooler keep theirs). Hugging Face export writes zero biases there,
+    # which give the same outputs.
+    use_bias: bool = True
 
     def __post_init__(self):
         if self.family not in FAMILIES:

@@ -23,11 +23,12 @@ class GPT2Block(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         e, m, std, dt = config.hidden_size, config.intermediate_size, config.initializer_range, config.compute_dtype
         residual_std = std / math.sqrt(2 * config.num_layers)
-        self.attention_norm = LayerNorm(e, eps=config.layer_norm_eps, dtype=dt)
+        self.attention_norm = LayerNorm(e, eps=config.layer_norm_eps, dtype=dt, use_bias=config.use_bias)
         self.attention = SelfAttention(config, rngs=rngs, out_init_std=residual_std)
-        self.mlp_norm = LayerNorm(e, eps=config.layer_norm_eps, dtype=dt)
-        self.intermediate = Dense(e, m, ("embed", "mlp"), rngs=rngs, init_std=std, dtype=dt)
-        self.output = Dense(m, e, ("mlp", "embed"), rngs=rngs, init_std=residual_std, dtype=dt)
+        self.mlp_norm = LayerNorm(e, eps=config.layer_norm_eps, dtype=dt, use_bias=config.use_bias)
+        self.intermediate = Dense(e, m, ("embed", "mlp"), rngs=rngs, init_std=std, dtype=dt, use_bias=config.use_bias)
+        self.output = Dense(m, e, ("mlp", "embed"), rngs=rngs, init_std=residual_std, dtype=dt,
+                            use_bias=config.use_bias)
         self.dropout_rate = config.hidden_dropout
 
     def __call__(self, x, mask, dropout_rng=None, cache=None, cache_index=None):
@@ -51,7 +52,7 @@ class GPT2Decoder(nnx.Module):
             config.max_position_embeddings, config.hidden_size, ("position", "embed"), rngs=rngs, init_std=std, dtype=dt
         )
         self.layers = nnx.List([GPT2Block(config, rngs=rngs) for _ in range(config.num_layers)])
-        self.final_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dt)
+        self.final_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dt, use_bias=config.use_bias)
         self.dropout_rate = config.hidden_dropout
 
     def init_cache(self, batch: int, max_len: int):

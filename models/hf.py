@@ -288,9 +288,14 @@ def weight_layout(config: ModelConfig, head: Optional[str], prefix: Optional[str
     return backbone + _head(config.family, head)
 
 
+def _input_axes(kernel_path: tuple) -> int:
+    """Input axes of a Dense kernel: two for attention's output projection [heads, head_dim, embed]."""
+    return 2 if kernel_path[-2] == "out" else 1
+
+
 def _split_in_out(path: tuple, shape: tuple) -> tuple[int, int]:
-    """(fan_in, fan_out) of a Dense kernel: the output projection's kernel has two input axes."""
-    n_in = 2 if path[-2] == "out" else 1
+    """(fan_in, fan_out) of a Dense kernel."""
+    n_in = _input_axes(path)
     return math.prod(shape[:n_in]), math.prod(shape[n_in:])
 
 
@@ -547,11 +552,24 @@ def _hf_config(model: Model, id2label) -> dict:
     return hf
 
 
+def _array(variables: dict, path: tuple) -> np.ndarray:
+    """A parameter as float32 numpy; an absent bias (model.use_bias=False) as zeros, the identity
+    Hugging Face layers hold in its place."""
+    if path in variables:
+        return np.asarray(variables[path][...], np.float32)
+    if path[-1] == "bias" and path[:-1] + ("scale",) in variables:
+        return np.zeros(variables[path[:-1] + ("scale",)][...].shape, np.float32)
+    kernel = path[:-1] + ("kernel",)
+    if path[-1] == "bias" and kernel in variables:
+        return np.zeros(variables[kernel][...].shape[_input_axes(kernel):], np.float32)
+    raise KeyError(f"the model has no parameter {'.'.join(map(str, path))}")
+
+
 def state_dict(model: Model) -> dict[str, np.ndarray]:
     """The model's parameters as a Hugging Face state dict (names and layouts of transformers)."""
     variables = _variables(model)
     return {
-        entry.name: from_flaxen(entry, [np.asarray(variables[p][...], np.float32) for p in entry.params])
+        entry.name: from_flaxen(entry, [_array(variables, p) for p in entry.params])
         for entry in weight_layout(model.config, model.head_name)
     }
 

@@ -122,20 +122,24 @@ class Embed(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis, computed in float32 whatever the compute dtype."""
+    """LayerNorm over the last axis, computed in float32 whatever the compute dtype (no bias
+    with `use_bias=False`)."""
 
-    def __init__(self, features: int, *, eps: float, dtype=jnp.float32):
+    def __init__(self, features: int, *, eps: float, dtype=jnp.float32, use_bias: bool = True):
         self.eps = eps
         self.dtype = dtype
         self.scale = param(jnp.ones((features,), jnp.float32), ("embed",))
-        self.bias = param(jnp.zeros((features,), jnp.float32), ("embed",))
+        self.bias = param(jnp.zeros((features,), jnp.float32), ("embed",)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+        y = y * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(self.dtype)
 
 
 def _mix32(h: jax.Array) -> jax.Array:

