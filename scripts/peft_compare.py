@@ -1,90 +1,76 @@
 """SST-2 with all-MiniLM-L6-v2: full fine-tuning against LoRA r=8, adapters, prefix tuning and BitFit.
 
 Why: the claim that a few percent of trained weights come close to full fine-tuning is only as
-good as a like-for-like run. Every method trains through train.py's `run` (the Hydra config
-`experiment=sst2`, so the same data, model, schedule, batch size and number of steps), with only
-`peft=...`, its settings and the learning rate changed. Each method runs in its own process so
-its peak memory is its own. PEFT methods also train BERT's pooler with the classifier (the role
-of RoBERTa's classification head in the LoRA paper's GLUE runs); it is listed in `peft`.
+good as a like-for-like run. Every method trains with `python train.py experiment=minilm_sst2`
+(the same data, model, schedule, batch size and number of steps), with only `peft=...`, its
+settings and the learning rate changed. Each method runs in its own process, so its peak memory
+is its own. PEFT methods also train BERT's pooler with the classifier (the role of RoBERTa's
+classification head in the LoRA paper's GLUE runs); it is listed in `peft`.
 
-    python scripts/peft_compare.py                         # all five methods, 2,100 steps each
-    python scripts/peft_compare.py --methods full lora --steps 500 -- data_dir=/data
+    python scripts/peft_compare.py                         # all five methods, the preset's step budget
+    python scripts/peft_compare.py --methods full lora --steps 300 -- data_dir=/data
     python scripts/peft_compare.py --table                 # the README table of an existing results file
 
-Writes results/peft_sst2.json: one record per method with trainable and total parameters,
-dev (validation) accuracy at the end of the step budget and the best periodic evaluation,
-seconds per training step (compilation and evaluation excluded), optimizer-state bytes and
-peak memory (the accelerator's peak bytes in use where the backend reports it, else the
-process's peak resident memory), plus the run directory. Runs live in runs/peft_sst2/<method>;
-re-running resumes finished or interrupted runs instead of starting over.
-Expected: on 2 CPU cores about 30-60 min per method; on one GPU a few minutes each.
+Full fine-tuning with the preset's own budget is the results table's minilm_sst2 run (seed 0,
+runs/minilm_sst2): whichever of this script and scripts/reproduce.py runs it first, the other
+reuses it. PEFT runs live in runs/peft_sst2/<method>; a finished run is reused, not retrained.
+Writes results/peft_sst2.json: one record per method with trainable and total parameters, dev
+(validation) accuracy at the end of the step budget and the best periodic evaluation, seconds per
+training step (compilation and evaluation excluded), optimizer-state bytes and peak memory (the
+accelerator's peak bytes in use where the backend reports it, else the process's peak resident
+memory; results.json's `peak_memory`), plus the run directory and command.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENT = "minilm_sst2"
 PEFT_EXTRA = ["peft.modules_to_save=[pooler]"]
 METHODS = {
-    "full": {"overrides": ["peft=none"], "lr": 5e-5},
-    "lora": {"overrides": ["peft=lora", "peft.rank=8", "peft.alpha=16", *PEFT_EXTRA], "lr": 5e-4},
+    "full": {"overrides": [], "lr": None},
+    "lora": {"overrides": ["peft=lora", "peft.rank=8", "peft.alpha=16", *PEFT_EXTRA], "lr": 1e-3},
     "adapter": {"overrides": ["peft=adapter", "peft.size=64", *PEFT_EXTRA], "lr": 1e-3},
-    "prefix": {"overrides": ["peft=prefix", "peft.length=20", *PEFT_EXTRA], "lr": 1e-2},
-    "bitfit": {"overrides": ["peft=bitfit", *PEFT_EXTRA], "lr": 1e-3},
+    "prefix": {"overrides": ["peft=prefix", "peft.length=20", *PEFT_EXTRA], "lr": 5e-3},
+    "bitfit": {"overrides": ["peft=bitfit", *PEFT_EXTRA], "lr": 2e-3},
 }
 LABELS = {"full": "full fine-tuning", "lora": "LoRA r=8 (query, value)", "adapter": "Houlsby adapters (64)",
           "prefix": "prefix tuning (20)", "bitfit": "BitFit"}
 
 
-def overrides_for(method: str, experiment: str, steps: int, run_dir: str, extra: list[str]) -> list[str]:
+def overrides_for(method: str, experiment: str, steps: int | None, extra: list[str]) -> list[str]:
     spec = METHODS[method]
-    return [f"experiment={experiment}", *spec["overrides"], f"optimizer.lr={spec['lr']}", f"steps={steps}",
-            f"run_dir={run_dir}", "progress_bar=false", "tensorboard=false", *extra]
+    overrides = [f"experiment={experiment}", *spec["overrides"]]
+    if spec["lr"] is not None:
+        overrides.append(f"optimizer.lr={spec['lr']}")
+    if steps is not None:
+        overrides.append(f"steps={steps}")
+    return overrides + list(extra)
 
 
-def peak_memory() -> dict:
-    """The accelerator's peak bytes in use when reported, else this process's peak RSS."""
-    import jax
-
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        return {"bytes": int(stats["peak_bytes_in_use"]), "kind": f"{jax.default_backend()} peak bytes in use"}
-    return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "kind": "host peak RSS"}
-
-
-def child(overrides: list[str], memory_file: str) -> None:
-    """Trains one method in this process (train.py's run on the composed config)."""
-    sys.path.insert(0, ROOT)
-    import importlib.util
-
-    from flaxen import config
-
-    spec = importlib.util.spec_from_file_location("flaxen_train_entry", os.path.join(ROOT, "train.py"))
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    train.run(config.compose(overrides))
-    with open(memory_file, "w") as f:
-        json.dump(peak_memory(), f)
+def run_dir_for(method: str, experiment: str, overrides: list[str], runs: str) -> str:
+    """The preset's own run directory for plain full fine-tuning (shared with reproduce.py), else runs/<method>."""
+    if overrides == [f"experiment={experiment}"]:
+        return os.path.join(ROOT, "runs", experiment)
+    return os.path.join(os.path.abspath(runs), method)
 
 
 def record(method: str, run_dir: str, overrides: list[str]) -> dict:
     with open(os.path.join(run_dir, "results.json")) as f:
         results = json.load(f)
-    with open(os.path.join(run_dir, "peak_memory.json")) as f:
-        memory = json.load(f)
+    memory = results["peak_memory"]
     params = results["parameters"]
     steps = results["steps"]
     final, best = results.get("final_eval") or {}, results.get("best_eval") or {}
     return {
         "method": method,
         "label": LABELS[method],
-        "overrides": [o for o in overrides if not o.startswith("run_dir=")],
+        "command": "python train.py " + " ".join(overrides),
         "trainable_parameters": params["trainable"],
         "total_parameters": params["total"],
         "trainable_percent": 100.0 * params["trainable"] / params["total"],
@@ -97,7 +83,7 @@ def record(method: str, run_dir: str, overrides: list[str]) -> dict:
         "peak_memory_bytes": memory["bytes"],
         "peak_memory_kind": memory["kind"],
         "status": results["status"],
-        "run_dir": run_dir,
+        "run_dir": os.path.relpath(run_dir, ROOT),
     }
 
 
@@ -124,18 +110,14 @@ def table(report: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--steps", type=int, default=2100, help="training steps for every method (default 2100)")
-    parser.add_argument("--experiment", default="sst2", help="Hydra experiment (default sst2; others for smoke runs)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps for every method (default: the preset's)")
+    parser.add_argument("--experiment", default=EXPERIMENT, help=f"Hydra experiment (default {EXPERIMENT})")
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "peft_sst2.json"))
-    parser.add_argument("--runs", default=os.path.join(ROOT, "runs", "peft_sst2"), help="parent of the run directories")
+    parser.add_argument("--runs", default=os.path.join(ROOT, "runs", "peft_sst2"), help="parent of the PEFT run directories")
     parser.add_argument("--table", action="store_true", help="print the README table of --out and exit")
-    parser.add_argument("--child", nargs=2, metavar=("OVERRIDES_JSON", "MEMORY_FILE"), help=argparse.SUPPRESS)
     parser.add_argument("extra", nargs="*", help="further Hydra overrides for every run (after --)")
     args = parser.parse_args(argv)
 
-    if args.child:
-        child(json.loads(args.child[0]), args.child[1])
-        return 0
     if args.table:
         with open(args.out) as f:
             print(table(json.load(f)))
@@ -143,13 +125,11 @@ def main(argv=None) -> int:
 
     records = []
     for method in args.methods:
-        run_dir = os.path.join(os.path.abspath(args.runs), method)
-        overrides = overrides_for(method, args.experiment, args.steps, run_dir, args.extra)
-        os.makedirs(run_dir, exist_ok=True)
+        overrides = overrides_for(method, args.experiment, args.steps, args.extra)
+        run_dir = run_dir_for(method, args.experiment, overrides, args.runs)
+        command = [sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"]
         print(f"[{method}] python train.py {' '.join(overrides)}", flush=True)
         start = time.perf_counter()
-        command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(overrides),
-                   os.path.join(run_dir, "peak_memory.json")]
         result = subprocess.run(command, cwd=ROOT)
         if result.returncode != 0:
             print(f"[{method}] failed with exit status {result.returncode}; see the output above", file=sys.stderr)
@@ -160,7 +140,9 @@ def main(argv=None) -> int:
 
     import jax
 
-    report = {"experiment": args.experiment, "steps": args.steps,
+    with open(os.path.join(ROOT, records[0]["run_dir"], "results.json")) as f:
+        steps = json.load(f)["steps"]
+    report = {"experiment": args.experiment, "steps": steps,
               "device": f"{jax.devices()[0].device_kind} x {jax.device_count()}", "methods": records}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"

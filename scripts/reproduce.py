@@ -1,0 +1,347 @@
+"""The results table: pretrain -> fine-tune on SST-2 and CoNLL-2003, one command per row.
+
+Why: the claim flaxen exists to test (pretraining then fine-tuning beats training from scratch,
+and a public checkpoint fine-tuned here reaches published-quality numbers) is only as good as a
+table anyone can regenerate. Each row is an experiment preset; this script runs exactly the
+commands a user would type, then writes results/<row>.json from the files those runs wrote and
+rebuilds the README's results table from results/*.json only.
+
+    python scripts/reproduce.py minilm_sst2          # one row (all its seeds)
+    python scripts/reproduce.py all                  # every row, in dependency order
+    python scripts/reproduce.py --table              # only rebuild the README table and figure
+    python scripts/reproduce.py minilm_sst2 --seeds 0   # fewer seeds (the file says which ran)
+
+Per seed K of a row: `python train.py experiment=ROW` (K = 0; run directory runs/ROW) or
+`python train.py experiment=ROW seed=K` (runs/ROW/seed=K), then `python eval.py run_dir=RUN
+split=S step=LAST` for each reported split: the model at the end of the step budget, with no
+checkpoint chosen on the evaluated split. A finished run is not retrained (train.py resumes it and
+stops at once); delete its directory to start over. Each run directory gets loss_curve.png.
+
+results/<row>.json: metric, splits, per-seed values, mean and standard deviation, wall time, steps,
+tokens/s, parameter count, seed, machine, date, git commit, commands; CoNLL rows add the per-type
+entity table. The README table sits between the `results:begin` / `results:end` markers;
+results/summary.png shows the same numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "results")
+README = os.path.join(ROOT, "README.md")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def row(task, metric, splits, seeds=(0,), target=None, needs=(), label=""):
+    return {"task": task, "metric": metric, "splits": list(splits), "seeds": list(seeds), "target": target,
+            "needs": list(needs), "label": label}
+
+
+# target: (split, minimum) the row must reach, or None
+ROWS = {
+    "minilm_sst2": row("SST-2", "accuracy", ["validation"], (0, 1, 2), ("validation", 0.88),
+                       label="all-MiniLM-L6-v2, fine-tuned"),
+    "minilm_conll2003": row("CoNLL-2003", "f1", ["validation", "test"], (0, 1, 2), ("test", 0.85),
+                            label="all-MiniLM-L6-v2, fine-tuned"),
+    "bert_mini_mlm": row("pretraining text", "loss", ["validation"],
+                         label="bert_mini, masked-LM pretraining by flaxen"),
+    "bert_mini_pretrained_sst2": row("SST-2", "accuracy", ["validation"], needs=["bert_mini_mlm"],
+                                     label="bert_mini, flaxen-pretrained, fine-tuned"),
+    "bert_mini_scratch_sst2": row("SST-2", "accuracy", ["validation"], needs=["bert_mini_mlm"],
+                                  label="bert_mini, from scratch"),
+    "bert_mini_pretrained_conll2003": row("CoNLL-2003", "f1", ["validation", "test"], needs=["bert_mini_mlm"],
+                                          label="bert_mini, flaxen-pretrained, fine-tuned"),
+    "bert_mini_scratch_conll2003": row("CoNLL-2003", "f1", ["validation", "test"], needs=["bert_mini_mlm"],
+                                       label="bert_mini, from scratch"),
+}
+# pretrained row -> the scratch row it must beat
+COMPARISONS = {"bert_mini_pretrained_sst2": "bert_mini_scratch_sst2",
+               "bert_mini_pretrained_conll2003": "bert_mini_scratch_conll2003"}
+
+
+def run_dir_of(name: str, seed: int) -> str:
+    return os.path.join(ROOT, "runs", name) if seed == 0 else os.path.join(ROOT, "runs", name, f"seed={seed}")
+
+
+def train_command(name: str, seed: int) -> list[str]:
+    return ["python", "train.py", f"experiment={name}"] + ([f"seed={seed}"] if seed else [])
+
+
+def eval_command(run_dir: str, split: str, step: int) -> list[str]:
+    return ["python", "eval.py", f"run_dir={os.path.relpath(run_dir, ROOT)}", f"split={split}", f"step={step}"]
+
+
+def _run(command: list[str], extra: list[str]) -> None:
+    print("$ " + " ".join(command + extra), flush=True)
+    result = subprocess.run([sys.executable] + command[1:] + extra, cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed with exit status {result.returncode}")
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+    os.replace(temporary, path)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import jax
+
+    device = jax.devices()[0]
+    accelerator = "" if device.platform == "cpu" else f", {device.device_kind} x {jax.device_count()}"
+    return f"{cpu}, {os.cpu_count()} cores{accelerator}"
+
+
+def plot_loss_curve(run_dir: str, title: str) -> str:
+    """run_dir/loss_curve.png: training loss and every logged validation metric against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = {}
+    for r in rows:
+        for key, value in r.items():
+            if key.startswith("validation/") and key != "validation/num_examples":
+                evals.setdefault(key, []).append((r["step"], value))
+    figure, loss_axis = plt.subplots(figsize=(6.4, 4.0))
+    if train:
+        loss_axis.plot(*zip(*train), label="train loss", color="tab:blue")
+    if "validation/loss" in evals:
+        loss_axis.plot(*zip(*evals.pop("validation/loss")), "o-", label="validation loss", color="tab:orange")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("loss")
+    handles, labels = loss_axis.get_legend_handles_labels()
+    wanted = [k for k in ("validation/accuracy", "validation/f1") if k in evals]
+    if wanted:
+        metric_axis = loss_axis.twinx()
+        for key in wanted:
+            metric_axis.plot(*zip(*evals[key]), "s--", label=key, color="tab:green")
+        metric_axis.set_ylabel(", ".join(k.split("/")[1] for k in wanted))
+        more_handles, more_labels = metric_axis.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    loss_axis.legend(handles, labels, loc="upper right", fontsize="small")
+    loss_axis.set_title(title, fontsize="medium")
+    figure.tight_layout()
+    path = os.path.join(run_dir, "loss_curve.png")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def seed_record(name: str, seed: int) -> dict:
+    """What one finished seed of a row measured, from the files its runs wrote."""
+    spec = ROWS[name]
+    run_dir = run_dir_of(name, seed)
+    results = _read_json(os.path.join(run_dir, "results.json"))
+    if results.get("status") != "completed":
+        raise SystemExit(f"{run_dir}: the run did not complete (status {results.get('status')!r})")
+    record = {"seed": seed, "run_dir": os.path.relpath(run_dir, ROOT), "steps": results["steps"],
+              "wall_seconds": results["wall_seconds"], "tokens_per_s": results["tokens_per_s"],
+              "parameters": results["parameters"]["total"], "values": {}, "eval_files": {}}
+    for split in spec["splits"]:
+        path = os.path.join(run_dir, f"eval_{split}.json")
+        report = _read_json(path)
+        if report.get("step") != results["steps"]:
+            raise SystemExit(f"{path} evaluated step {report.get('step')}, not the run's last step {results['steps']}")
+        record["values"][split] = report["metrics"][spec["metric"]]
+        record["eval_files"][split] = os.path.relpath(path, ROOT)
+        if "report" in report["metrics"] and spec["metric"] == "f1":
+            record.setdefault("per_type", {})[split] = report["metrics"]["report"]
+    return record
+
+
+def row_record(name: str, seeds: list[dict], commands: list[str]) -> dict:
+    spec = ROWS[name]
+    summary = {}
+    for split in spec["splits"]:
+        values = [s["values"][split] for s in seeds]
+        summary[split] = {"mean": statistics.fmean(values),
+                          "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+    target = None
+    if spec["target"] is not None:
+        split, minimum = spec["target"]
+        mean = summary[split]["mean"]
+        target = {"split": split, "minimum": minimum, "met": mean >= minimum, "margin": mean - minimum}
+    return {"row": name, "task": spec["task"], "label": spec["label"], "metric": spec["metric"],
+            "splits": spec["splits"], "summary": summary, "target": target,
+            "seeds": [s["seed"] for s in seeds], "runs": seeds, "commands": commands,
+            "wall_seconds_max": max(s["wall_seconds"] for s in seeds), "machine": machine(),
+            "date": datetime.date.today().isoformat(), "git_commit": _git_commit()}
+
+
+def reproduce(name: str, seeds: list[int], extra: list[str]) -> dict:
+    spec = ROWS[name]
+    for needed in spec["needs"]:
+        if not os.path.isfile(os.path.join(run_dir_of(needed, 0), "results.json")):
+            print(f"[{name}] needs row {needed} first", flush=True)
+            reproduce(needed, ROWS[needed]["seeds"], extra)
+    records, commands = [], []
+    for seed in seeds:
+        run_dir = run_dir_of(name, seed)
+        command = train_command(name, seed)
+        start = time.perf_counter()
+        _run(command, extra)
+        steps = _read_json(os.path.join(run_dir, "results.json"))["steps"]
+        commands.append(" ".join(command + extra))
+        for split in spec["splits"]:
+            evaluation = eval_command(run_dir, split, steps)
+            _run(evaluation, [])
+            commands.append(" ".join(evaluation))
+        plot_loss_curve(run_dir, f"{name} (seed {seed})")
+        records.append(seed_record(name, seed))
+        print(f"[{name}] seed {seed}: {records[-1]['values']} in {time.perf_counter() - start:.0f}s", flush=True)
+    report = row_record(name, records, commands)
+    _write_json(os.path.join(RESULTS, f"{name}.json"), report)
+    print(f"wrote results/{name}.json", flush=True)
+    return report
+
+
+# ---------------------------------------------------------------- the README table
+
+def _cell(summary: dict, metric: str) -> str:
+    scale = 1.0 if metric == "loss" else 100.0
+    text = f"{scale * summary['mean']:.2f}"
+    if len(summary["values"]) > 1:
+        text += f" ± {scale * summary['std']:.2f}"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {seconds:02d} s"
+
+
+def load_reports(results_dir: str = RESULTS) -> dict:
+    return {name: _read_json(os.path.join(results_dir, f"{name}.json")) for name in ROWS
+            if os.path.isfile(os.path.join(results_dir, f"{name}.json"))}
+
+
+def table(reports: dict) -> str:
+    lines = ["| row | task | model | metric | validation | test | seeds | wall / run | target |",
+             "|---|---|---|---|---:|---:|---:|---:|---|"]
+    for name in ROWS:
+        report = reports.get(name)
+        if report is None:
+            lines.append(f"| `{name}` | {ROWS[name]['task']} | {ROWS[name]['label']} | | not run | | | | |")
+            continue
+        metric = {"accuracy": "accuracy (%)", "f1": "entity F1 (%)", "loss": "MLM loss"}[report["metric"]]
+        cells = {split: _cell(report["summary"][split], report["metric"]) for split in report["splits"]}
+        target = report.get("target")
+        if target is not None:
+            verdict = "met" if target["met"] else f"missed by {100 * -target['margin']:.2f} pts"
+            target_text = f"{target['split']} ≥ {100 * target['minimum']:.0f}: {verdict}"
+        elif name in COMPARISONS and COMPARISONS[name] in reports:
+            other = reports[COMPARISONS[name]]
+            gaps = [f"{100 * (report['summary'][s]['mean'] - other['summary'][s]['mean']):+.2f}"
+                    for s in report["splits"]]
+            target_text = f"vs scratch: {' / '.join(gaps)} pts"
+        else:
+            target_text = ""
+        lines.append(f"| `{name}` | {report['task']} | {report['label']} | {metric} | {cells.get('validation', '')} | "
+                     f"{cells.get('test', '')} | {len(report['seeds'])} | {_duration(report['wall_seconds_max'])} | "
+                     f"{target_text} |")
+    dates = sorted({r["date"] for r in reports.values()})
+    machines = sorted({r["machine"] for r in reports.values()})
+    if reports:
+        lines.append("")
+        lines.append(f"From results/<row>.json ({', '.join(dates)}; {'; '.join(machines)}). Each row: "
+                     "`python scripts/reproduce.py ROW`; the model at the end of the step budget, mean ± std over "
+                     "seeds where more than one ran; figure: results/summary.png.")
+    return "\n".join(lines)
+
+
+def summary_figure(reports: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ROWS if n in reports and reports[n]["metric"] != "loss"]
+    figure, axis = plt.subplots(figsize=(7.5, 3.6))
+    positions, labels = [], []
+    for index, name in enumerate(names):
+        report = reports[name]
+        split = "test" if "test" in report["splits"] else "validation"
+        summary = report["summary"][split]
+        axis.bar(index, 100 * summary["mean"], yerr=100 * summary["std"], capsize=4,
+                 color="tab:blue" if name.startswith("minilm") else
+                 ("tab:green" if "pretrained" in name else "tab:gray"))
+        axis.text(index, 100 * summary["mean"] + 1, f"{100 * summary['mean']:.1f}", ha="center", fontsize="small")
+        positions.append(index)
+        labels.append(f"{name}\n({split} {report['metric']})")
+    axis.set_xticks(positions, labels, rotation=20, ha="right", fontsize="x-small")
+    axis.set_ylabel("%")
+    axis.set_ylim(0, 105)
+    axis.set_title("flaxen: pretrain -> fine-tune (results/<row>.json)", fontsize="medium")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def update_readme(reports: dict, readme: str = README) -> None:
+    with open(readme) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme} has no {BEGIN} ... {END} markers for the results table")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(readme, "w") as f:
+        f.write(f"{head}{BEGIN}\n{table(reports)}\n{END}{tail}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("rows", nargs="*", help=f"rows to run: {', '.join(ROWS)} or all")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the row's)")
+    parser.add_argument("--table", action="store_true", help="only rebuild the README table and results/summary.png")
+    parser.add_argument("--extra", nargs="*", default=[], help="further Hydra overrides for every training run")
+    args = parser.parse_args(argv)
+    names = list(ROWS) if args.rows == ["all"] else args.rows
+    unknown = [n for n in names if n not in ROWS]
+    if unknown or (not names and not args.table):
+        parser.error(f"rows must be among {', '.join(ROWS)} or 'all' (got {', '.join(unknown) or 'none'})")
+    for name in names:
+        reproduce(name, args.seeds or ROWS[name]["seeds"], args.extra)
+    reports = load_reports()
+    update_readme(reports)
+    if reports:
+        summary_figure(reports, os.path.join(RESULTS, "summary.png"))
+    print(table(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""scripts/reproduce.py's bookkeeping on finished runs written here: per-seed records from
+results.json and eval_<split>.json, mean and std over seeds, target verdicts, the pretrained vs
+scratch gap, the README table between its markers, the loss-curve and summary figures."""
+import importlib.util
+import json
+import os
+import statistics
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture()
+def reproduce(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("flaxen_reproduce", os.path.join(ROOT, "scripts", "reproduce.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "ROOT", str(tmp_path))
+    monkeypatch.setattr(module, "RESULTS", str(tmp_path / "results"))
+    return module
+
+
+def fake_run(module, name, seed, values, steps=100, report=None):
+    run_dir = module.run_dir_of(name, seed)
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump({"status": "completed", "steps": steps, "wall_seconds": 600.0 + seed, "tokens_per_s": 1000.0,
+                   "parameters": {"total": 1234, "trainable": 1234}}, f)
+    metric = module.ROWS[name]["metric"]
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for step in (50, 100):
+            f.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
+            f.write(json.dumps({"step": step, "validation/loss": 2.0 / step, f"validation/{metric}": 0.5}) + "\n")
+    for split, value in values.items():
+        metrics = {metric: value, **({"report": report} if report else {})}
+        with open(os.path.join(run_dir, f"eval_{split}.json"), "w") as f:
+            json.dump({"split": split, "step": steps, "metrics": metrics}, f)
+    return run_dir
+
+
+def test_rows_seeds_table_and_figures(reproduce, tmp_path):
+    accuracies = [0.90, 0.89, 0.87]
+    for seed, value in enumerate(accuracies):
+        run_dir = fake_run(reproduce, "minilm_sst2", seed, {"validation": value})
+        assert reproduce.plot_loss_curve(run_dir, "t").endswith("loss_curve.png")
+        assert os.path.getsize(os.path.join(run_dir, "loss_curve.png")) > 1000
+    assert reproduce.run_dir_of("minilm_sst2", 2) == str(tmp_path / "runs" / "minilm_sst2" / "seed=2")
+    records = [reproduce.seed_record("minilm_sst2", seed) for seed in range(3)]
+    report = reproduce.row_record("minilm_sst2", records, ["python train.py experiment=minilm_sst2"])
+    summary = report["summary"]["validation"]
+    assert summary["mean"] == pytest.approx(statistics.fmean(accuracies))
+    assert summary["std"] == pytest.approx(statistics.stdev(accuracies))
+    assert report["target"]["met"] and report["target"]["margin"] == pytest.approx(0.00666666, abs=1e-6)
+
+    per_type = {"PER": {"precision": 0.9, "recall": 0.9, "f1": 0.9, "support": 10}}
+    for name, value in (("bert_mini_pretrained_conll2003", 0.7), ("bert_mini_scratch_conll2003", 0.5)):
+        fake_run(reproduce, name, 0, {"validation": value + 0.02, "test": value}, report=per_type)
+    reports = {"minilm_sst2": report}
+    for name in ("bert_mini_pretrained_conll2003", "bert_mini_scratch_conll2003"):
+        reports[name] = reproduce.row_record(name, [reproduce.seed_record(name, 0)], [])
+    assert reports["bert_mini_pretrained_conll2003"]["runs"][0]["per_type"]["test"] == per_type
+
+    text = reproduce.table(reports)
+    assert "| `minilm_sst2` | SST-2 |" in text and "88.67 ± 1.53" in text and "validation ≥ 88: met" in text
+    assert "vs scratch: +20.00 / +20.00 pts" in text and "| `minilm_conll2003` |" in text and "not run" in text
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{reproduce.BEGIN}\nold table\n{reproduce.END}\nafter\n")
+    reproduce.update_readme(reports, str(readme))
+    written = readme.read_text()
+    assert "old table" not in written and written.startswith("intro\n") and written.endswith("after\n")
+    assert text in written
+    reproduce.summary_figure(reports, str(tmp_path / "summary.png"))
+    assert os.path.getsize(tmp_path / "summary.png") > 1000
+
+
+def test_a_run_evaluated_at_another_step_is_refused(reproduce):
+    run_dir = fake_run(reproduce, "minilm_sst2", 0, {"validation": 0.9})
+    path = os.path.join(run_dir, "eval_validation.json")
+    report = json.load(open(path))
+    report["step"] = 50
+    json.dump(report, open(path, "w"))
+    with pytest.raises(SystemExit, match="not the run's last step 100"):
+        reproduce.seed_record("minilm_sst2", 0)
