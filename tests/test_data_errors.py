@@ -235,6 +235,15 @@ def test_config_mistakes_name_the_key(tmp_path):
     write(tmp_path, "train.tsv", "sentence\tlabel\na \t1\n")
     with pytest.raises(ConfigError, match=r"task token_cls needs tagging data"):
         load(tsv_config(tmp_path), tmp_path, "token_cls")
+    with pytest.raises(ConfigError, match=r"data.length_grouping=-1"):
+        load(tsv_config(tmp_path, length_grouping=-1), tmp_path, "seq_cls")
+    mixture = dict(name="mix", source="mixture", prepared_dir=str(tmp_path / "prepared"))
+    with pytest.raises(ConfigError, match=r"data.source=mixture needs data.mixture"):
+        load(DataConfig(**mixture), tmp_path, "mlm")
+    with pytest.raises(ConfigError, match=r"task=seq_cls needs labelled data"):
+        load(DataConfig(mixture=["sst2"], **mixture), tmp_path, "seq_cls")
+    with pytest.raises(ConfigError, match=r"'sst3' is not a data preset \(configs/data/ has .*sst2"):
+        load(DataConfig(mixture=["sst2", "sst3"], **mixture), tmp_path, "mlm")
 
 
 def test_read_only_data_dir_prepares_into_the_user_cache(tmp_path, monkeypatch):

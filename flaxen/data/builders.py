@@ -442,8 +442,9 @@ def _write_mixture(cfg: DataConfig, data_dir: str, directory: str) -> dict[str, 
     as validation, so no component's validation or test text is ever read. Files are rewritten only
     when their content changes (their checksums key the prepared dataset)."""
     lines = {"train": [], "validation": []}
-    for name in cfg.mixture:
-        prepared = prepare(mixture_component(name), data_dir)
+    components = {name: mixture_component(name) for name in cfg.mixture}
+    for name, component_cfg in components.items():
+        prepared = prepare(component_cfg, data_dir)
         texts = prepared.texts("train")
         if prepared.schema == "text":
             texts = [line for chunk in texts for line in chunk.split("\n")]
