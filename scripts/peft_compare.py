@@ -23,6 +23,7 @@ memory; results.json's `peak_memory`), plus the run directory and command.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -103,7 +104,8 @@ def table(report: dict) -> str:
     kinds = sorted({r["peak_memory_kind"] for r in report["methods"]})
     rows.append("")
     rows.append(f"experiment={report['experiment']} (validation split), {report['steps']} steps for every method; "
-                f"peak memory: {', '.join(kinds)}; device: {report['device']}.")
+                f"peak memory: {', '.join(kinds)}; device: {report['device']}"
+                + (f" ({report['machine']}, {report['date']})" if "date" in report else "") + ".")
     return "\n".join(rows)
 
 
@@ -139,11 +141,13 @@ def main(argv=None) -> int:
               flush=True)
 
     import jax
+    from reproduce import _git_commit, machine
 
     with open(os.path.join(ROOT, records[0]["run_dir"], "results.json")) as f:
         steps = json.load(f)["steps"]
     report = {"experiment": args.experiment, "steps": steps,
-              "device": f"{jax.devices()[0].device_kind} x {jax.device_count()}", "methods": records}
+              "device": f"{jax.devices()[0].device_kind} x {jax.device_count()}", "machine": machine(),
+              "date": datetime.date.today().isoformat(), "git_commit": _git_commit(), "methods": records}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

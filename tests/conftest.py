@@ -14,11 +14,17 @@ import pytest
 IGNORE = -100
 
 
-class _Tokenizer:
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-        self.pad_token_id = 0
-        self.mask_token_id = 1
+def _tokenizer(vocab_size: int):
+    """A real flaxen word-level Tokenizer of `vocab_size` ids: [PAD]=0, [MASK]=1, then w2, w3, ..."""
+    import tokenizers
+
+    from flaxen.data.tokenizers import Tokenizer
+
+    vocab = {"[PAD]": 0, "[MASK]": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(["[PAD]", "[MASK]"])
+    return Tokenizer(backend, {"pad": "[PAD]", "mask": "[MASK]"}, kind="word")
 
 
 class _Loader:
@@ -69,7 +75,7 @@ class InMemoryTaskData:
     def __init__(self, task: str, *, vocab_size: int = 50, seq_len: int = 16, num_train: int = 64,
                  num_validation: int = 20, seed: int = 0):
         self.task = task
-        self.tokenizer = _Tokenizer(vocab_size)
+        self.tokenizer = _tokenizer(vocab_size)
         self.tag_scheme = "IOB2" if task == "token_cls" else None
         self.label_names = {"seq_cls": ["odd", "even"], "token_cls": ["O", "B-EVEN", "I-EVEN"]}.get(task)
         rng = np.random.default_rng(seed)

@@ -76,6 +76,19 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, seq_task, un
     assert resumed["final_eval"]["accuracy"] == reference_results["final_eval"]["accuracy"]
 
 
+def test_same_config_and_seed_twice_gives_bitwise_the_same_run(tmp_path, seq_task, uninterrupted):
+    reference_dir, reference_results = uninterrupted
+    again = loop.train(make_cfg(tmp_path / "again"), task_data=seq_task)
+    ours, reference = restore_state(tmp_path / "again", 8, seq_task, None), restore_state(reference_dir, 8, seq_task, None)
+    for a, b in zip(jax.tree.leaves(ours["params"]), jax.tree.leaves(reference["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert again["final_eval"] == reference_results["final_eval"]
+    loop.train(make_cfg(tmp_path / "seed1", seed=1), task_data=seq_task)
+    other = restore_state(tmp_path / "seed1", 8, seq_task, None)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(other["params"]), jax.tree.leaves(reference["params"])))
+
+
 def test_run_directory_outputs(uninterrupted):
     run_dir, results = uninterrupted
     for name in ("config.yaml", "config.json", "model.json", "metrics.jsonl", "results.json"):

@@ -126,7 +126,7 @@ def test_resumed_lora_run_is_bitwise_identical(runs):
 
 
 def test_eval_rebuilds_the_lora_model(runs, monkeypatch):
-    monkeypatch.setattr(evaluation_run, "_load_task_data", lambda cfg: runs["task"])
+    monkeypatch.setattr(evaluation_run, "_load_task_data", lambda cfg, run_dir=None: runs["task"])
     run_dir = str(runs["lora_dir"])
     overrides = [f"run_dir={run_dir}", "step=4", "eval_batch_size=8", f"data_dir={run_dir}"]
     report = evaluation_run.evaluate_from_config(config.compose(overrides, config_name="eval"), overrides)
