@@ -171,6 +171,8 @@ def seed_record(name: str, seed: int) -> dict:
     record = {"seed": seed, "run_dir": os.path.relpath(run_dir, ROOT), "steps": results["steps"],
               "wall_seconds": results["wall_seconds"], "tokens_per_s": results["tokens_per_s"],
               "parameters": results["parameters"]["total"], "values": {}, "eval_files": {}}
+    if results.get("unigram_entropy") is not None:
+        record["unigram_entropy"] = results["unigram_entropy"]
     for split in spec["splits"]:
         path = os.path.join(run_dir, f"eval_{split}.json")
         report = _read_json(path)
@@ -268,6 +270,8 @@ def table(reports: dict) -> str:
             gaps = [f"{100 * (report['summary'][s]['mean'] - other['summary'][s]['mean']):+.2f}"
                     for s in report["splits"]]
             target_text = f"vs scratch: {' / '.join(gaps)} pts"
+        elif report["metric"] == "loss" and report["runs"][0].get("unigram_entropy") is not None:
+            target_text = f"unigram entropy {report['runs'][0]['unigram_entropy']:.2f}"
         else:
             target_text = ""
         lines.append(f"| `{name}` | {report['task']} | {report['label']} | {metric} | {cells.get('validation', '')} | "
