@@ -228,6 +228,29 @@ def to_container(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
 
 
+def override(key: str, value: Any) -> str:
+    """`key=value` as a Hydra command-line override: quoted when the value holds characters Hydra's
+    override grammar would read as syntax (run directories such as runs/x/seed=1 hold `=`)."""
+    text = str(value)
+    if text and all(c.isalnum() or c in "_-+./~@%*?$|" for c in text):
+        return f"{key}={text}"
+    return f"{key}='" + text.replace("'", "\\'") + "'"
+
+
+def shell_word(word: str) -> str:
+    """`word` quoted for a shell command line, in double quotes where that reads best."""
+    import shlex
+
+    if word == shlex.quote(word):
+        return word
+    return f'"{word}"' if not any(c in word for c in '"$`\\!') else shlex.quote(word)
+
+
+def shell_override(key: str, value: Any) -> str:
+    """`override(key, value)` as one word of a shell command line (printed hints, recorded commands)."""
+    return shell_word(override(key, value))
+
+
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> DictConfig:
     """Composes configs/<config_name>.yaml with command-line style overrides; ConfigError on bad keys."""
     from hydra import compose as hydra_compose

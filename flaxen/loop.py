@@ -317,7 +317,8 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
     if is_main:
         run_logging.write_json(os.path.join(run_dir, "results.json"), results)
     log(f"done: {step} steps; results in {os.path.join(run_dir, 'results.json')}")
-    log(f"evaluate with: python eval.py run_dir={run_dir} split={cfg.eval_split or 'validation'}")
+    log(f"evaluate with: python eval.py {config_lib.shell_override('run_dir', run_dir)} "
+        f"split={cfg.eval_split or 'validation'}")
     return results
 
 

@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+from flaxen.config import override, shell_word
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "results")
 README = os.path.join(ROOT, "README.md")
@@ -76,11 +78,16 @@ def train_command(name: str, seed: int) -> list[str]:
 
 
 def eval_command(run_dir: str, split: str, step: int) -> list[str]:
-    return ["python", "eval.py", f"run_dir={os.path.relpath(run_dir, ROOT)}", f"split={split}", f"step={step}"]
+    return ["python", "eval.py", override("run_dir", os.path.relpath(run_dir, ROOT)), f"split={split}", f"step={step}"]
+
+
+def shell_command(command: list[str]) -> str:
+    """A command as one line a shell runs (a quoted run_dir override stays one word)."""
+    return " ".join(shell_word(word) for word in command)
 
 
 def _run(command: list[str], extra: list[str]) -> None:
-    print("$ " + " ".join(command + extra), flush=True)
+    print("$ " + shell_command(command + extra), flush=True)
     result = subprocess.run([sys.executable] + command[1:] + extra, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed with exit status {result.returncode}")
@@ -217,11 +224,11 @@ def reproduce(name: str, seeds: list[int], extra: list[str]) -> dict:
         start = time.perf_counter()
         _run(command, extra)
         steps = _read_json(os.path.join(run_dir, "results.json"))["steps"]
-        commands.append(" ".join(command + extra))
+        commands.append(shell_command(command + extra))
         for split in spec["splits"]:
             evaluation = eval_command(run_dir, split, steps)
             _run(evaluation, [])
-            commands.append(" ".join(evaluation))
+            commands.append(shell_command(evaluation))
         plot_loss_curve(run_dir, f"{name} (seed {seed})")
         records.append(seed_record(name, seed))
         print(f"[{name}] seed {seed}: {records[-1]['values']} in {time.perf_counter() - start:.0f}s", flush=True)

@@ -72,3 +72,12 @@ def test_train_py_rejects_a_misspelled_key_on_the_command_line(tmp_path):
     assert result.returncode != 0
     assert "optimizer.lrr" in result.stderr + result.stdout
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.parametrize("value", ["runs/x", "runs/minilm_sst2/seed=1", "/tmp/a b/c", "it's", "a,b[0]"])
+def test_override_quotes_what_hydra_would_parse(value):
+    cfg = config.compose([config.override("run_dir", value)], config_name="eval")
+    assert cfg.run_dir == value
+    words = subprocess.run(["bash", "-c", f"printf '%s\\n' {config.shell_override('run_dir', value)}"],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert words == [config.override("run_dir", value)]

@@ -8,6 +8,8 @@ import statistics
 
 import pytest
 
+from flaxen import config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -46,6 +48,10 @@ def test_rows_seeds_table_and_figures(reproduce, tmp_path):
         assert reproduce.plot_loss_curve(run_dir, "t").endswith("loss_curve.png")
         assert os.path.getsize(os.path.join(run_dir, "loss_curve.png")) > 1000
     assert reproduce.run_dir_of("minilm_sst2", 2) == str(tmp_path / "runs" / "minilm_sst2" / "seed=2")
+    evaluation = reproduce.eval_command(reproduce.run_dir_of("minilm_sst2", 2), "validation", 800)
+    assert config.compose([evaluation[2]], config_name="eval").run_dir == os.path.join("runs", "minilm_sst2", "seed=2")
+    assert reproduce.shell_command(evaluation) == \
+        "python eval.py \"run_dir='runs/minilm_sst2/seed=2'\" split=validation step=800"
     records = [reproduce.seed_record("minilm_sst2", seed) for seed in range(3)]
     report = reproduce.row_record("minilm_sst2", records, ["python train.py experiment=minilm_sst2"])
     summary = report["summary"]["validation"]
