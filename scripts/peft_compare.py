@@ -7,7 +7,7 @@ settings and the learning rate changed. Each method runs in its own process, so 
 is its own. PEFT methods also train BERT's pooler with the classifier (the role of RoBERTa's
 classification head in the LoRA paper's GLUE runs); it is listed in `peft`.
 
-    python scripts/peft_compare.py                         # all five methods, the preset's step budget
+    python scripts/peft_compare.py                         # every method below, the preset's step budget
     python scripts/peft_compare.py --methods full lora --steps 300 -- data_dir=/data
     python scripts/peft_compare.py --table                 # the README table of an existing results file
 
@@ -36,11 +36,13 @@ PEFT_EXTRA = ["peft.modules_to_save=[pooler]"]
 METHODS = {
     "full": {"overrides": [], "lr": None},
     "lora": {"overrides": ["peft=lora", "peft.rank=8", "peft.alpha=16", *PEFT_EXTRA], "lr": 1e-3},
+    "lora_all": {"overrides": ["peft=lora", "peft.rank=4", "peft.alpha=8",
+                               "peft.target_modules=[attention.*,intermediate,output]", *PEFT_EXTRA], "lr": 2e-3},
     "adapter": {"overrides": ["peft=adapter", "peft.size=64", *PEFT_EXTRA], "lr": 1e-3},
     "prefix": {"overrides": ["peft=prefix", "peft.length=20", *PEFT_EXTRA], "lr": 5e-3},
     "bitfit": {"overrides": ["peft=bitfit", *PEFT_EXTRA], "lr": 2e-3},
 }
-LABELS = {"full": "full fine-tuning", "lora": "LoRA r=8 (query, value)", "adapter": "Houlsby adapters (64)",
+LABELS = {"full": "full fine-tuning", "lora": "LoRA r=8 (query, value)", "lora_all": "LoRA r=4 (every linear layer)", "adapter": "Houlsby adapters (64)",
           "prefix": "prefix tuning (20)", "bitfit": "BitFit"}
 
 
