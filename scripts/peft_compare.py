@@ -42,8 +42,8 @@ METHODS = {
     "prefix": {"overrides": ["peft=prefix", "peft.length=20", *PEFT_EXTRA], "lr": 5e-3},
     "bitfit": {"overrides": ["peft=bitfit", *PEFT_EXTRA], "lr": 2e-3},
 }
-LABELS = {"full": "full fine-tuning", "lora": "LoRA r=8 (query, value)", "lora_all": "LoRA r=4 (every linear layer)", "adapter": "Houlsby adapters (64)",
-          "prefix": "prefix tuning (20)", "bitfit": "BitFit"}
+LABELS = {"full": "full fine-tuning", "lora": "LoRA r=8 (query, value)", "lora_all": "LoRA r=4 (every linear layer)",
+          "adapter": "Houlsby adapters (64)", "prefix": "prefix tuning (20)", "bitfit": "BitFit"}
 
 
 def overrides_for(method: str, experiment: str, steps: int | None, extra: list[str]) -> list[str]:
@@ -143,13 +143,13 @@ def main(argv=None) -> int:
               flush=True)
 
     import jax
-    from reproduce import _git_commit, machine
+    from reproduce import git_commit, machine
 
     with open(os.path.join(ROOT, records[0]["run_dir"], "results.json")) as f:
         steps = json.load(f)["steps"]
     report = {"experiment": args.experiment, "steps": steps,
               "device": f"{jax.devices()[0].device_kind} x {jax.device_count()}", "machine": machine(),
-              "date": datetime.date.today().isoformat(), "git_commit": _git_commit(), "methods": records}
+              "date": datetime.date.today().isoformat(), "git_commit": git_commit(), "methods": records}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

@@ -107,7 +107,7 @@ def _write_json(path: str, value) -> None:
     os.replace(temporary, path)
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -208,7 +208,7 @@ def row_record(name: str, seeds: list[dict], commands: list[str]) -> dict:
             "splits": spec["splits"], "summary": summary, "target": target,
             "seeds": [s["seed"] for s in seeds], "runs": seeds, "commands": commands,
             "wall_seconds_max": max(s["wall_seconds"] for s in seeds), "machine": machine(),
-            "date": datetime.date.today().isoformat(), "git_commit": _git_commit()}
+            "date": datetime.date.today().isoformat(), "git_commit": git_commit()}
 
 
 def reproduce(name: str, seeds: list[int], extra: list[str]) -> dict:
