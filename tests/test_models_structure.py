@@ -89,3 +89,19 @@ def test_attention_paths_match_numpy_reference():
         keep = np.asarray(dropout(jnp.ones((2, 3, 5, 5)), rate, key)) > 0
         expected = _reference_attention(q, k, v, mask, keep, rate)
         np.testing.assert_allclose(with_dropout[real], expected[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,n_in", [((6, 5, 8), (8, 2, 3), 1), ((6, 5, 2, 3), (2, 3, 8), 2)])
+def test_dense_contraction_backward_equals_autodiff(x_shape, kernel_shape, n_in):
+    """models.layers.contract (Dense's product, hand-written backward) against autodiff of tensordot."""
+    from models.layers import contract
+
+    kx, kk, kd = jax.random.split(jax.random.key(0), 3)
+    x, kernel = jax.random.normal(kx, x_shape), jax.random.normal(kk, kernel_shape)
+    dy = jax.random.normal(kd, x_shape[:len(x_shape) - n_in] + kernel_shape[n_in:])
+    results = [jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.tanh(f(x, k)) * dy), argnums=(0, 1)))(x, kernel)
+               for f in (lambda x, k: contract(x, k, n_in), lambda x, k: jnp.tensordot(x, k, n_in))]
+    (ours, our_grads), (theirs, their_grads) = results
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    for g, h in zip(our_grads, their_grads):
+        np.testing.assert_allclose(g, h, atol=1e-5, rtol=1e-5)

@@ -34,6 +34,36 @@ LORA_DROPOUT_STREAM = 0x4C6F5241
 _dropout_key: contextvars.ContextVar = contextvars.ContextVar("flaxen_lora_dropout_key", default=None)
 
 
+@jax.custom_vjp
+def low_rank(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """(x · a) · b for x [tokens, in], a [in, rank], b [rank, out].
+
+    The backward pass is written out so that every product contracts the token axis with the
+    small [tokens, rank] factor transposed, never the large [tokens, in/out] gradient. Left to
+    autodiff, XLA on CPU transposed the incoming gradient for the b update instead, fusing that
+    transpose with everything that produced the gradient: on all-MiniLM-L6-v2 with LoRA on every
+    linear layer that recomputation made the training step 2.6x slower than full fine-tuning.
+    """
+    return (x @ a) @ b
+
+
+def _low_rank_forward(x, a, b):
+    u = x @ a
+    return u @ b, (x, a, b, u)
+
+
+def _low_rank_backward(residuals, dy):
+    x, a, b, u = residuals
+    du = dy @ b.T                       # [tokens, rank]
+    db = u.T @ dy                       # [rank, out]
+    da = (du.T @ x).T                   # [in, rank]
+    dx = du @ a.T                       # [tokens, in]
+    return dx, da, db
+
+
+low_rank.defvjp(_low_rank_forward, _low_rank_backward)
+
+
 @contextlib.contextmanager
 def dropout_key_scope(key: jax.Array | None):
     """Makes `key` the LoRA dropout key of the LoRA layers called inside the block."""
@@ -68,8 +98,10 @@ class LoRADense(Dense):
         key = _dropout_key.get()
         if key is not None:
             h = dropout(h, self.dropout_rate, jax.random.fold_in(key, self.stream))
-        h = jnp.tensordot(h, self.lora_a[...].astype(self.dtype), axes=len(self.in_shape))
-        h = jnp.tensordot(h, self.lora_b[...].astype(self.dtype), axes=1)
+        batch = h.shape[:h.ndim - len(self.in_shape)]
+        a = self.lora_a[...].astype(self.dtype).reshape(-1, self.lora_a.shape[-1])
+        b = self.lora_b[...].astype(self.dtype).reshape(self.lora_b.shape[0], -1)
+        h = low_rank(h.reshape(math.prod(batch), -1), a, b).reshape(batch + self.out_shape)
         return y + h * jnp.asarray(self.scaling, self.dtype)
 
     def delta(self) -> jax.Array:
