@@ -7,14 +7,15 @@ then, with the same train step flaxen.loop runs (nnx split once, jit with shardi
 mesh, donated state, dropout keys folded from the step):
   minilm    all-MiniLM-L6-v2 (real weights when installed) + 2-class head, full fine-tuning with
             AdamW, batch 32 x 128 tokens, dropout on (as Hugging Face's model.train());
-  gpt_nano  nanoGPT's CPU model (4 layers, 4 heads, 128 wide, 65 symbols) + causal LM, batch 12 x 64,
-            AdamW (beta2 0.99, weight decay 0.1), clip 1.0, dropout 0.
+  gpt_nano  nanoGPT's CPU model (4 layers, 4 heads, 128 wide, 65 symbols, no biases) + causal LM,
+            batch 12 x 64, AdamW (beta2 0.99, weight decay 0.1), clip 1.0, dropout 0.
 Each case reports step time (median and mean over --steps timed steps), tokens/s and MFU: model
 FLOPs per step = 6 x non-embedding parameters x tokens + 12 x layers x batch x seq^2 x width,
 divided by step time and by the peak measured in this process.
-`--torch` also times Hugging Face PyTorch on the minilm case in this process (torch and transformers
-needed), alternating one flaxen step and one PyTorch step so both see the same machine load, and
-reports flaxen's speed-up over it (> 1: flaxen is faster).
+`--torch` also times the PyTorch peers in this process (torch needed; transformers for minilm):
+Hugging Face's BertForSequenceClassification on the minilm case and nanoGPT's recipe
+(scripts/nanogpt_torch.py) on the gpt_nano case, alternating one flaxen step and one PyTorch step
+so both see the same machine load, and reports flaxen's speed-up over each (> 1: flaxen is faster).
 """
 from __future__ import annotations
 
@@ -124,12 +125,6 @@ def timed(run_one, count: int) -> list[float]:
     return times
 
 
-def time_train_step(model, task: str, optimizer_cfg, batch: dict, steps_timed: int, warmup: int) -> dict:
-    run_one, info = prepare_train_step(model, task, optimizer_cfg, batch, warmup)
-    times = timed(run_one, steps_timed)
-    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), **info}
-
-
 def minilm_setup():
     batch_size, seq = 32, 128
     try:
@@ -150,40 +145,59 @@ def minilm_setup():
     return model, weights, batch, optimizer_cfg
 
 
-def minilm_case(args, peak: float, torch_step=None) -> tuple[dict, dict | None]:
-    """flaxen's minilm row; with `torch_step` (a Hugging Face step function) both are timed
-    interleaved, step by step, so that load from other processes hits both alike."""
-    model, weights, batch, optimizer_cfg = minilm_setup()
-    run_one, info = prepare_train_step(model, "seq_cls", optimizer_cfg, batch, args.warmup)
+def interleaved(run_one, torch_step, count: int) -> tuple[list[float], list[float]]:
+    """Step times of flaxen and (if given) PyTorch, one step of each in turn, so that load from
+    other processes hits both alike."""
     ours, theirs = [], []
-    for _ in range(args.steps):
+    for _ in range(count):
         ours += timed(run_one, 1)
         if torch_step is not None:
             theirs += timed(torch_step, 1)
+    return ours, theirs
+
+
+def reference_row(case: str, ours: str, theirs: list[float], flaxen_median: float, tokens: int, info: dict) -> dict:
+    median = statistics.median(theirs)
+    return {"case": case, "interleaved_with": ours, "step_ms": round(median * 1000, 1),
+            "mean_step_ms": round(statistics.fmean(theirs) * 1000, 1), "tokens_per_s": round(tokens / median, 1),
+            "flaxen_speedup": round(median / flaxen_median, 3), **info}
+
+
+def minilm_case(args, peak: float, torch_step=None, torch_info=None) -> tuple[dict, dict | None]:
+    """flaxen's minilm row; with `torch_step` (a Hugging Face step function) also its row."""
+    model, weights, batch, optimizer_cfg = minilm_setup()
+    run_one, info = prepare_train_step(model, "seq_cls", optimizer_cfg, batch, args.warmup)
+    ours, theirs = interleaved(run_one, torch_step, args.steps)
     timing = {"median_s": statistics.median(ours), "mean_s": statistics.fmean(ours), **info}
     row = _row("minilm_seq_cls", model.config, weights, 32, 128, timing, peak)
-    reference = None
-    if torch_step is not None:
-        median = statistics.median(theirs)
-        reference = {"case": "minilm_seq_cls_hf_torch", "interleaved_with": "minilm_seq_cls",
-                     "step_ms": round(median * 1000, 1), "mean_step_ms": round(statistics.fmean(theirs) * 1000, 1),
-                     "tokens_per_s": round(32 * 128 / median, 1),
-                     "flaxen_speedup": round(median / timing["median_s"], 3)}
+    reference = None if torch_step is None else reference_row(
+        "minilm_seq_cls_hf_torch", "minilm_seq_cls", theirs, timing["median_s"], 32 * 128, torch_info)
     return row, reference
 
 
-def gpt_nano_case(args, peak: float) -> dict:
-    batch_size, seq = 12, 64
-    config = models.ModelConfig(family="gpt2", vocab_size=65, hidden_size=128, num_layers=4, num_heads=4,
-                                intermediate_size=512, max_position_embeddings=64, layer_norm_eps=1e-5,
-                                hidden_dropout=0.0, attention_dropout=0.0)
+NANO = {"batch": 12, "seq": 64, "vocab": 65, "layers": 4, "heads": 4, "width": 128}
+
+
+def gpt_nano_case(args, peak: float, torch_step=None, torch_info=None) -> tuple[dict, dict | None]:
+    """The shakespeare_char_cpu preset's step (no biases, as nanoGPT); with `torch_step` (nanoGPT's
+    recipe in PyTorch, scripts/nanogpt_torch.py) also its row."""
+    batch_size, seq = NANO["batch"], NANO["seq"]
+    config = models.ModelConfig(family="gpt2", vocab_size=NANO["vocab"], hidden_size=NANO["width"],
+                                num_layers=NANO["layers"], num_heads=NANO["heads"], intermediate_size=4 * NANO["width"],
+                                max_position_embeddings=seq, layer_norm_eps=1e-5, hidden_dropout=0.0,
+                                attention_dropout=0.0, use_bias=False)
     model = modeling.ModelSpec(config, "causal_lm", 2).build(0)
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, 65, (batch_size, seq + 1)).astype(np.int32)
+    ids = rng.integers(0, NANO["vocab"], (batch_size, seq + 1)).astype(np.int32)
     batch = {"input_ids": ids[:, :-1], "attention_mask": np.ones((batch_size, seq), np.int32), "labels": ids[:, 1:]}
     optimizer_cfg = OptimizerConfig(name="adamw", lr=1e-3, b2=0.99, weight_decay=0.1, clip_norm=1.0)
-    timing = time_train_step(model, "clm", optimizer_cfg, batch, args.steps, args.warmup)
-    return _row("gpt_nano_clm", config, "random", batch_size, seq, timing, peak)
+    run_one, info = prepare_train_step(model, "clm", optimizer_cfg, batch, args.warmup)
+    ours, theirs = interleaved(run_one, torch_step, args.steps)
+    timing = {"median_s": statistics.median(ours), "mean_s": statistics.fmean(ours), **info}
+    row = _row("gpt_nano_clm", config, "random", batch_size, seq, timing, peak)
+    reference = None if torch_step is None else reference_row(
+        "gpt_nano_clm_nanogpt_torch", "gpt_nano_clm", theirs, timing["median_s"], batch_size * seq, torch_info)
+    return row, reference
 
 
 def _row(case, config, weights, batch_size, seq, timing, peak) -> dict:
@@ -222,12 +236,38 @@ def torch_minilm_step(args):
     return step, {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": b, "seq": t}
 
 
+def torch_nano_step(args):
+    """nanoGPT's recipe in PyTorch on the gpt_nano case (scripts/nanogpt_torch.py: the same model,
+    AdamW and global-norm clipping as its train.py), warmed up; returns (step function, description)."""
+    import torch
+    from nanogpt_torch import build, make_optimizer
+
+    torch.manual_seed(0)
+    model = build(NANO["vocab"], NANO["layers"], NANO["heads"], NANO["width"], NANO["seq"])
+    opt = make_optimizer(model, 1e-3, 0.1)
+    ids = torch.randint(0, NANO["vocab"], (NANO["batch"], NANO["seq"] + 1))
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def step():
+        loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    return step, {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": NANO["batch"],
+                  "seq": NANO["seq"]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="peak,minilm,gpt_nano")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--torch", action="store_true", help="also time Hugging Face PyTorch on the minilm case")
+    parser.add_argument("--torch", action="store_true",
+                        help="also time the PyTorch peers: Hugging Face (minilm) and nanoGPT's recipe (gpt_nano)")
     args = parser.parse_args()
     cases = args.cases.split(",")
     peak = matmul_peak()
@@ -235,13 +275,15 @@ def main():
           "cpu_count": os.cpu_count(), "jax": jax.__version__,
           "date": datetime.datetime.now().isoformat(timespec="seconds")})
     if "minilm" in cases:
-        torch_step, torch_info = torch_minilm_step(args) if args.torch else (None, None)
-        row, reference = minilm_case(args, peak, torch_step)
+        row, reference = minilm_case(args, peak, *(torch_minilm_step(args) if args.torch else (None, None)))
         emit(row)
         if reference is not None:
-            emit({**reference, **torch_info})
+            emit(reference)
     if "gpt_nano" in cases:
-        emit(gpt_nano_case(args, peak))
+        row, reference = gpt_nano_case(args, peak, *(torch_nano_step(args) if args.torch else (None, None)))
+        emit(row)
+        if reference is not None:
+            emit(reference)
 
 
 if __name__ == "__main__":
