@@ -5,11 +5,15 @@ good as a like-for-like run. Every method trains with `python train.py experimen
 (the same data, model, schedule, batch size and number of steps), with only `peft=...`, its
 settings and the learning rate changed. Each method runs in its own process, so its peak memory
 is its own. PEFT methods also train BERT's pooler with the classifier (the role of RoBERTa's
-classification head in the LoRA paper's GLUE runs); it is listed in `peft`.
+classification head in the LoRA paper's GLUE runs); it is listed in `peft`. LoRA runs without
+LoRA dropout: on this budget (0.38 epoch) it only slowed learning (results/peft_sst2_lora_all.json
+against results/peft_sst2_lora_selection.json, which also holds the other settings tried).
 
     python scripts/peft_compare.py                         # every method below, the preset's step budget
     python scripts/peft_compare.py --methods full lora --steps 300 -- data_dir=/data
     python scripts/peft_compare.py --table                 # the README table of an existing results file
+    python scripts/peft_compare.py --collect runs/sweep/* --out results/peft_sst2_lora_selection.json
+                                                           # records of finished runs (e.g. a sweep), no training
 
 Full fine-tuning with the preset's own budget is the results table's minilm_sst2 run (seed 0,
 runs/minilm_sst2): whichever of this script and scripts/reproduce.py runs it first, the other
@@ -35,8 +39,8 @@ EXPERIMENT = "minilm_sst2"
 PEFT_EXTRA = ["peft.modules_to_save=[pooler]"]
 METHODS = {
     "full": {"overrides": [], "lr": None},
-    "lora": {"overrides": ["peft=lora", "peft.rank=8", "peft.alpha=16", *PEFT_EXTRA], "lr": 1e-3},
-    "lora_all": {"overrides": ["peft=lora", "peft.rank=4", "peft.alpha=8",
+    "lora": {"overrides": ["peft=lora", "peft.rank=8", "peft.alpha=16", "peft.dropout=0", *PEFT_EXTRA], "lr": 1e-3},
+    "lora_all": {"overrides": ["peft=lora", "peft.rank=4", "peft.alpha=8", "peft.dropout=0",
                                "peft.target_modules=[attention.*,intermediate,output]", *PEFT_EXTRA], "lr": 2e-3},
     "adapter": {"overrides": ["peft=adapter", "peft.size=64", *PEFT_EXTRA], "lr": 1e-3},
     "prefix": {"overrides": ["peft=prefix", "peft.length=20", *PEFT_EXTRA], "lr": 5e-3},
@@ -61,6 +65,14 @@ def run_dir_for(method: str, experiment: str, overrides: list[str], runs: str) -
     if overrides == [f"experiment={experiment}"]:
         return os.path.join(ROOT, "runs", experiment)
     return os.path.join(os.path.abspath(runs), method)
+
+
+def method_of(overrides: list[str]) -> str:
+    """The METHODS entry a command's `peft=` override names (full fine-tuning without one)."""
+    peft = next((o.split("=", 1)[1] for o in overrides if o.startswith("peft=")), "none")
+    if peft == "none":
+        return "full"
+    return "lora_all" if peft == "lora" and any("intermediate" in o for o in overrides) else peft
 
 
 def record(method: str, run_dir: str, overrides: list[str]) -> dict:
@@ -119,6 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "peft_sst2.json"))
     parser.add_argument("--runs", default=os.path.join(ROOT, "runs", "peft_sst2"), help="parent of the PEFT run directories")
     parser.add_argument("--table", action="store_true", help="print the README table of --out and exit")
+    parser.add_argument("--collect", nargs="+", metavar="RUN_DIR",
+                        help="write --out from these finished train.py runs (their own overrides), no training")
     parser.add_argument("extra", nargs="*", help="further Hydra overrides for every run (after --)")
     args = parser.parse_args(argv)
 
@@ -126,6 +140,9 @@ def main(argv=None) -> int:
         with open(args.out) as f:
             print(table(json.load(f)))
         return 0
+
+    if args.collect:
+        return collect(args.collect, args.out)
 
     records = []
     for method in args.methods:
@@ -142,23 +159,48 @@ def main(argv=None) -> int:
         print(f"[{method}] done in {time.perf_counter() - start:.0f}s: dev accuracy {records[-1]['dev_accuracy']}",
               flush=True)
 
+    write_report(args.experiment, records, args.out)
+    return 0
+
+
+def collect(run_dirs: list[str], out: str) -> int:
+    """Records of finished runs, each labelled with its own overrides (as Hydra saved them)."""
+    import yaml
+
+    records, experiments = [], set()
+    for run_dir in run_dirs:
+        overrides_file = os.path.join(run_dir, ".hydra", "overrides.yaml")
+        if not os.path.isfile(os.path.join(run_dir, "results.json")) or not os.path.isfile(overrides_file):
+            print(f"{run_dir}: not a finished train.py run (results.json and .hydra/overrides.yaml expected)",
+                  file=sys.stderr)
+            return 2
+        with open(overrides_file) as f:
+            overrides = [o for o in yaml.safe_load(f) if not o.startswith("hydra.")]
+        experiments.update(o.split("=", 1)[1] for o in overrides if o.startswith("experiment="))
+        entry = record(method_of(overrides), os.path.abspath(run_dir), overrides)
+        entry["label"] = " ".join(o for o in overrides if not o.startswith(("experiment=", "peft.modules_to_save")))
+        records.append(entry)
+    write_report(",".join(sorted(experiments)), records, out)
+    return 0
+
+
+def write_report(experiment: str, records: list[dict], out: str) -> None:
     import jax
     from reproduce import git_commit, machine
 
     with open(os.path.join(ROOT, records[0]["run_dir"], "results.json")) as f:
         steps = json.load(f)["steps"]
-    report = {"experiment": args.experiment, "steps": steps,
+    report = {"experiment": experiment, "steps": steps,
               "device": f"{jax.devices()[0].device_kind} x {jax.device_count()}", "machine": machine(),
               "date": datetime.date.today().isoformat(), "git_commit": git_commit(), "methods": records}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
-    os.replace(tmp, args.out)
+    os.replace(tmp, out)
     print(table(report))
-    print(f"wrote {args.out}")
-    return 0
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

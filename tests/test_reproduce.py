@@ -89,3 +89,36 @@ def test_a_run_evaluated_at_another_step_is_refused(reproduce):
     json.dump(report, open(path, "w"))
     with pytest.raises(SystemExit, match="not the run's last step 100"):
         reproduce.seed_record("minilm_sst2", 0)
+
+
+def test_peft_compare_collects_finished_runs(tmp_path, monkeypatch):
+    """scripts/peft_compare.py --collect: one record per finished run, named by its own overrides;
+    a directory that is not a finished run is refused without writing anything."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    spec = importlib.util.spec_from_file_location("flaxen_peft_compare", os.path.join(ROOT, "scripts", "peft_compare.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "ROOT", str(tmp_path))
+    runs = {"a": ["experiment=minilm_sst2", "peft=lora", "peft.rank=4", "peft.target_modules=[attention.*,intermediate,output]",
+                  "optimizer.lr=2e-3"],
+            "b": ["experiment=minilm_sst2", "peft=bitfit", "optimizer.lr=1e-3"]}
+    for name, overrides in runs.items():
+        os.makedirs(tmp_path / name / ".hydra")
+        with open(tmp_path / name / ".hydra" / "overrides.yaml", "w") as f:
+            f.write("".join(f"- {o}\n" for o in overrides + ["hydra.run.dir=x"]))
+        with open(tmp_path / name / "results.json", "w") as f:
+            json.dump({"status": "completed", "steps": 800, "train_seconds": 799.0,
+                       "final_eval": {"accuracy": 0.87}, "best_eval": {"accuracy": 0.875, "step": 600},
+                       "parameters": {"trainable": 10, "total": 1000}, "optimizer_state_bytes": 80,
+                       "peak_memory": {"bytes": 2**20, "kind": "host peak RSS"}}, f)
+    out = str(tmp_path / "out.json")
+    assert module.main(["--collect", str(tmp_path / "a"), str(tmp_path / "b"), "--out", out]) == 0
+    with open(out) as f:
+        report = json.load(f)
+    assert [r["method"] for r in report["methods"]] == ["lora_all", "bitfit"]
+    assert report["methods"][0]["command"] == "python train.py " + " ".join(runs["a"])
+    assert report["methods"][1]["label"] == "peft=bitfit optimizer.lr=1e-3"
+    assert report["methods"][0]["trainable_percent"] == 1.0 and report["methods"][0]["seconds_per_step"] == 1.0
+    os.makedirs(tmp_path / "unfinished")
+    assert module.main(["--collect", str(tmp_path / "unfinished"), "--out", str(tmp_path / "other.json")]) == 2
+    assert not os.path.exists(tmp_path / "other.json")
