@@ -26,7 +26,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -212,16 +211,6 @@ def run(seed: int, train: np.ndarray, val: np.ndarray, vocab: int, args) -> dict
     }
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -244,6 +233,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    from reproduce import host
 
     train, val, vocab = load_text(args.data_dir)
     runs = [run(seed, train, val, vocab, args) for seed in args.seeds]
@@ -252,7 +242,7 @@ def main(argv=None) -> int:
               f"{r['ms_per_iter']:.1f} ms/iter, {r['wall_seconds']:.0f} s", flush=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("seeds", "data_dir", "out")}
     report = {"peer": "nanoGPT recipe in PyTorch (scripts/nanogpt_torch.py)", "settings": settings,
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": machine(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": host(),
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": "python scripts/nanogpt_torch.py --seeds " + " ".join(map(str, args.seeds)), "runs": runs}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -115,18 +115,24 @@ def git_commit() -> str | None:
         return None
 
 
-def machine() -> str:
+def host() -> str:
+    """The CPU model and core count, e.g. 'Intel(R) Xeon(R) Processor, 2 cores'."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def machine() -> str:
+    """host() plus JAX's accelerator, if any."""
     import jax
 
     device = jax.devices()[0]
     accelerator = "" if device.platform == "cpu" else f", {device.device_kind} x {jax.device_count()}"
-    return f"{cpu}, {os.cpu_count()} cores{accelerator}"
+    return host() + accelerator
 
 
 def plot_loss_curve(run_dir: str, title: str) -> str:

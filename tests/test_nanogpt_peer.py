@@ -22,7 +22,8 @@ def peer():
     return module
 
 
-def test_runs_end_to_end_and_scores_the_whole_split(peer, tmp_path):
+def test_runs_end_to_end_and_scores_the_whole_split(peer, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
     os.makedirs(tmp_path / "tinyshakespeare")
     rng = np.random.default_rng(0)
     text = "".join(rng.choice(list("abcdefgh \n"), 3001))
