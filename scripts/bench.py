@@ -156,23 +156,29 @@ def interleaved(run_one, torch_step, count: int) -> tuple[list[float], list[floa
     return ours, theirs
 
 
-def reference_row(case: str, ours: str, theirs: list[float], flaxen_median: float, tokens: int, info: dict) -> dict:
+def case_rows(args, peak: float, case: str, model, weights: str, task: str, optimizer_cfg, batch: dict,
+              torch_case: str, torch_step=None, torch_info=None) -> tuple[dict, dict | None]:
+    """flaxen's row for `case`; with `torch_step` (the PyTorch peer's step) timed interleaved, also
+    the peer's row `torch_case` with flaxen's speed-up over it."""
+    batch_size, seq = batch["input_ids"].shape
+    run_one, info = prepare_train_step(model, task, optimizer_cfg, batch, args.warmup)
+    ours, theirs = interleaved(run_one, torch_step, args.steps)
+    timing = {"median_s": statistics.median(ours), "mean_s": statistics.fmean(ours), **info}
+    row = _row(case, model.config, weights, batch_size, seq, timing, peak)
+    if torch_step is None:
+        return row, None
     median = statistics.median(theirs)
-    return {"case": case, "interleaved_with": ours, "step_ms": round(median * 1000, 1),
-            "mean_step_ms": round(statistics.fmean(theirs) * 1000, 1), "tokens_per_s": round(tokens / median, 1),
-            "flaxen_speedup": round(median / flaxen_median, 3), **info}
+    return row, {"case": torch_case, "interleaved_with": case, "step_ms": round(median * 1000, 1),
+                 "mean_step_ms": round(statistics.fmean(theirs) * 1000, 1),
+                 "tokens_per_s": round(batch_size * seq / median, 1),
+                 "flaxen_speedup": round(median / timing["median_s"], 3), **torch_info}
 
 
 def minilm_case(args, peak: float, torch_step=None, torch_info=None) -> tuple[dict, dict | None]:
     """flaxen's minilm row; with `torch_step` (a Hugging Face step function) also its row."""
     model, weights, batch, optimizer_cfg = minilm_setup()
-    run_one, info = prepare_train_step(model, "seq_cls", optimizer_cfg, batch, args.warmup)
-    ours, theirs = interleaved(run_one, torch_step, args.steps)
-    timing = {"median_s": statistics.median(ours), "mean_s": statistics.fmean(ours), **info}
-    row = _row("minilm_seq_cls", model.config, weights, 32, 128, timing, peak)
-    reference = None if torch_step is None else reference_row(
-        "minilm_seq_cls_hf_torch", "minilm_seq_cls", theirs, timing["median_s"], 32 * 128, torch_info)
-    return row, reference
+    return case_rows(args, peak, "minilm_seq_cls", model, weights, "seq_cls", optimizer_cfg, batch,
+                     "minilm_seq_cls_hf_torch", torch_step, torch_info)
 
 
 NANO = {"batch": 12, "seq": 64, "vocab": 65, "layers": 4, "heads": 4, "width": 128}
@@ -191,13 +197,8 @@ def gpt_nano_case(args, peak: float, torch_step=None, torch_info=None) -> tuple[
     ids = rng.integers(0, NANO["vocab"], (batch_size, seq + 1)).astype(np.int32)
     batch = {"input_ids": ids[:, :-1], "attention_mask": np.ones((batch_size, seq), np.int32), "labels": ids[:, 1:]}
     optimizer_cfg = OptimizerConfig(name="adamw", lr=1e-3, b2=0.99, weight_decay=0.1, clip_norm=1.0)
-    run_one, info = prepare_train_step(model, "clm", optimizer_cfg, batch, args.warmup)
-    ours, theirs = interleaved(run_one, torch_step, args.steps)
-    timing = {"median_s": statistics.median(ours), "mean_s": statistics.fmean(ours), **info}
-    row = _row("gpt_nano_clm", config, "random", batch_size, seq, timing, peak)
-    reference = None if torch_step is None else reference_row(
-        "gpt_nano_clm_nanogpt_torch", "gpt_nano_clm", theirs, timing["median_s"], batch_size * seq, torch_info)
-    return row, reference
+    return case_rows(args, peak, "gpt_nano_clm", model, "random", "clm", optimizer_cfg, batch,
+                     "gpt_nano_clm_nanogpt_torch", torch_step, torch_info)
 
 
 def _row(case, config, weights, batch_size, seq, timing, peak) -> dict:
@@ -240,20 +241,15 @@ def torch_nano_step(args):
     """nanoGPT's recipe in PyTorch on the gpt_nano case (scripts/nanogpt_torch.py: the same model,
     AdamW and global-norm clipping as its train.py), warmed up; returns (step function, description)."""
     import torch
-    from nanogpt_torch import build, make_optimizer
+    from nanogpt_torch import build, make_optimizer, train_step
 
     torch.manual_seed(0)
     model = build(NANO["vocab"], NANO["layers"], NANO["heads"], NANO["width"], NANO["seq"])
     opt = make_optimizer(model, 1e-3, 0.1)
     ids = torch.randint(0, NANO["vocab"], (NANO["batch"], NANO["seq"] + 1))
-    x, y = ids[:, :-1], ids[:, 1:]
 
     def step():
-        loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, ids[:, :-1], ids[:, 1:], clip=1.0)
 
     for _ in range(args.warmup):
         step()

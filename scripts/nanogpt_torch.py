@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from flaxen.data.config import default_data_dir
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -145,6 +147,16 @@ def make_optimizer(model, lr: float, weight_decay: float):
                              lr=lr, betas=(0.9, 0.99))
 
 
+def train_step(model, optimizer, x, y, clip: float) -> None:
+    """One update as nanoGPT's train.py makes it: loss, backward, global-norm clip, AdamW step."""
+    import torch
+
+    model(x, y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def run(seed: int, train: np.ndarray, val: np.ndarray, vocab: int, args) -> dict:
     import torch
 
@@ -188,12 +200,8 @@ def run(seed: int, train: np.ndarray, val: np.ndarray, vocab: int, args) -> dict
         if it == args.iters:
             break
         t0 = time.perf_counter()
-        loss = model(x, y)
-        x, y = get_batch("train")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, x, y, args.clip)
+        x, y = get_batch("train")  # nanoGPT draws the next batch within the iteration, as here
         step_times.append(time.perf_counter() - t0)
     wall = time.perf_counter() - start
     full = full_split_loss(model, val, args.block)
@@ -214,8 +222,7 @@ def run(seed: int, train: np.ndarray, val: np.ndarray, vocab: int, args) -> dict
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--data-dir", default=os.environ.get("FLAXEN_DATA_DIR")
-                        or os.path.join(os.path.expanduser("~"), "flaxen_data"))
+    parser.add_argument("--data-dir", default=default_data_dir(), help="default: FLAXEN_DATA_DIR, else ~/flaxen_data")
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "shakespeare_char_cpu_torch.json"))
     parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--eval-interval", type=int, default=250)

@@ -360,7 +360,6 @@ def test_lora_with_remat_matches_without():
     np.testing.assert_allclose(run(remat), run(plain), atol=1e-6, rtol=0)
 
 
-
 def test_lora_low_rank_backward_equals_autodiff():
     """The hand-written backward of (x · A) · B equals autodiff of the plain expression."""
     from models.peft.lora import low_rank
@@ -374,6 +373,7 @@ def test_lora_low_rank_backward_equals_autodiff():
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
     for g, h in zip(our_grads, their_grads):
         np.testing.assert_allclose(g, h, atol=1e-5, rtol=1e-5)
+
 
 def test_peft_parameters_carry_the_adapted_layers_axis_names():
     specs = lambda model: nnx.get_partition_spec(nnx.state(model, peft.PeftParam))
