@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from flaxen import tasks
 from flaxen.data import DataConfig
 from flaxen.data.config import check_config as check_data_config
 from flaxen.errors import ConfigError
@@ -27,7 +28,6 @@ import models
 from models import peft
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-TASKS = ("mlm", "clm", "seq_cls", "token_cls")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "warmup_linear", "warmup_cosine")
 METRIC_MODES = ("max", "min")
@@ -46,9 +46,16 @@ ModelSchema = _model_schema()
 
 @dataclass
 class TaskConfig:
-    """What is learned: `mlm`, `clm`, `seq_cls` or `token_cls`; label count from the data unless set."""
+    """What is learned: a task registered in flaxen/tasks/ (mlm, clm, seq_cls, token_cls, qa).
+
+    num_labels: the head's size for labelled tasks (null: from the data's label set).
+    n_best_size / max_answer_length: qa post-processing (start/end candidates per window, longest
+    answer in tokens), as Hugging Face's run_qa.py.
+    """
     name: str = "mlm"
     num_labels: Optional[int] = None
+    n_best_size: int = 20
+    max_answer_length: int = 30
 
 
 @dataclass
@@ -159,15 +166,14 @@ def register() -> None:
 
 register()
 
-DEFAULT_METRIC = {"seq_cls": ("accuracy", "max"), "token_cls": ("f1", "max"), "mlm": ("loss", "min"), "clm": ("loss", "min")}
-
-
 def best_metric(cfg) -> tuple[str, str]:
-    """(metric name, 'max' | 'min') used for the best checkpoint and early stopping."""
-    name, mode = DEFAULT_METRIC[cfg.task.name]
+    """(metric name, 'max' | 'min') used for the best checkpoint and early stopping: the task's
+    default unless `best_metric` / `best_mode` are set."""
+    task = tasks.get(cfg.task.name)
+    name, mode = task.best_metric
     if cfg.best_metric is not None:
         name = cfg.best_metric
-        mode = cfg.best_mode or ("min" if name in ("loss", "perplexity") else "max")
+        mode = cfg.best_mode or ("min" if name in task.lower_is_better else "max")
     elif cfg.best_mode is not None:
         mode = cfg.best_mode
     return name, mode
@@ -185,7 +191,7 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
 
 def validate(cfg) -> None:
     """Checks beyond types: choices, ranges and the batch-size arithmetic. Raises ConfigError."""
-    _choice("task.name", cfg.task.name, TASKS)
+    task = tasks.get(cfg.task.name)
     _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     _choice("schedule.name", cfg.schedule.name, SCHEDULES)
     peft.from_dict(cfg.peft)
@@ -197,6 +203,8 @@ def validate(cfg) -> None:
     _positive("eval_batches", cfg.eval_batches)
     _positive("early_stopping_patience", cfg.early_stopping_patience)
     _positive("task.num_labels", cfg.task.num_labels)
+    _positive("task.n_best_size", cfg.task.n_best_size)
+    _positive("task.max_answer_length", cfg.task.max_answer_length)
     if cfg.micro_batch_size is not None and cfg.batch_size % cfg.micro_batch_size:
         raise ConfigError(
             f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size} "
@@ -213,11 +221,11 @@ def validate(cfg) -> None:
         raise ConfigError("early_stopping_patience needs periodic evaluation: set eval_every > 0 and eval_split")
     if cfg.model.pretrained is not None and not os.path.isdir(os.path.expanduser(cfg.model.pretrained)):
         raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: no such directory")
-    check_data_config(cfg.data, cfg.task.name)
-    length = cfg.data.window_length if cfg.task.name in ("mlm", "clm") else cfg.data.max_length
-    length_key = "data.window_length" if cfg.task.name in ("mlm", "clm") else "data.max_length"
+    check_data_config(cfg.data, task)
+    task.check_config(cfg)
+    length = task.row_length(cfg.data)
     if cfg.model.pretrained is None and length > cfg.model.max_position_embeddings:
-        raise ConfigError(f"{length_key}={length} exceeds model.max_position_embeddings="
+        raise ConfigError(f"data.{task.length_key}={length} exceeds model.max_position_embeddings="
                           f"{cfg.model.max_position_embeddings}")
     if cfg.init_from is not None and cfg.model.pretrained is not None:
         raise ConfigError("init_from and model.pretrained are both set: choose one starting point")

@@ -1,5 +1,6 @@
 """eval.py's work: find what to evaluate (a run's best or chosen checkpoint, or a pretrained
-model), rebuild the model, evaluate one split, print a table and write eval_<split>.json.
+model), rebuild the model, evaluate one split, print a table and write eval_<split>.json (and
+predictions_<split>.json for tasks with predictions, e.g. qa: {question id: answer}).
 
 Why separate from flaxen.evaluate: that module computes metrics from a step function and a
 loader; this one resolves configs, run directories and checkpoints around it.
@@ -21,7 +22,7 @@ from flaxen import checkpoint as checkpointing
 from flaxen import config as config_lib
 from flaxen import evaluate as evaluation
 from flaxen import logging as run_logging
-from flaxen import modeling, sharding, steps
+from flaxen import modeling, sharding, state, tasks
 from flaxen.errors import ConfigError
 
 EVAL_KEYS = ("run_dir", "split", "checkpoint", "step", "output_dir")
@@ -51,7 +52,7 @@ def _run_config(run_dir: str, overrides: list[str]):
 def _load_task_data(cfg, run_dir=None):
     from flaxen.data import load_task_data
 
-    return load_task_data(cfg.data, cfg.task.name, os.path.abspath(os.path.expanduser(cfg.data_dir)),
+    return load_task_data(cfg.data, tasks.get(cfg.task.name), os.path.abspath(os.path.expanduser(cfg.data_dir)),
                           tokenizer_path=modeling.tokenizer_path(cfg, run_dir))
 
 
@@ -71,10 +72,10 @@ def evaluate_from_config(cfg: Any, overrides: list[str]) -> dict:
             raise checkpointing.CheckpointError(f"no checkpoint in {directory}")
         spec = modeling.read_spec(run_dir)
         abstract = spec.build_abstract()
-        graphdef, state = nnx.split(abstract)
-        state = modeling.fill(state, ckpt.restore_arrays(step), f"checkpoint {directory}/{step}")
+        graphdef, variables = nnx.split(abstract)
+        variables = modeling.fill(variables, ckpt.restore_arrays(step), f"checkpoint {directory}/{step}")
         ckpt.close()
-        model = nnx.merge(graphdef, state)
+        model = nnx.merge(graphdef, variables)
         origin = {"run_dir": run_dir, "checkpoint": os.path.join(directory, str(step)), "step": step}
         output_dir = cfg.output_dir or run_dir
     else:
@@ -89,21 +90,15 @@ def evaluate_from_config(cfg: Any, overrides: list[str]) -> dict:
     if splits is not None and cfg.split not in splits:
         raise ConfigError(f"split={cfg.split!r}: the data has splits {', '.join(splits)}")
     mesh = sharding.make_mesh(train_cfg.mesh)
-    rules = dict(train_cfg.mesh.logical_axis_rules)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    param_shardings = sharding.state_shardings(mesh, params, rules)
-    rest_shardings = sharding.state_shardings(mesh, rest, rules)
-    params, rest = jax.device_put(params, param_shardings), jax.device_put(rest, rest_shardings)
-    batch_sharding = sharding.batch_sharding(mesh)
-    eval_step = steps.make_eval_step(graphdef, train_cfg.task.name, param_shardings=param_shardings,
-                                     rest_shardings=rest_shardings, batch_sharding=batch_sharding,
-                                     replicated=sharding.replicated(mesh))
     batch_size = cfg.eval_batch_size
     if batch_size % sharding.batch_divisor(mesh):
         raise ConfigError(f"eval_batch_size={batch_size} is not divisible by the mesh's "
                           f"{sharding.batch_divisor(mesh)} batch shards")
-    result = evaluation.evaluate(eval_step, params, rest, task_data, train_cfg.task.name, cfg.split,
-                                 batch_size=batch_size, batch_sharding=batch_sharding, max_batches=cfg.eval_batches)
+    setup = state.from_config(train_cfg, model, mesh=mesh, with_optimizer=False)
+    result, predictions = evaluation.evaluate(
+        setup.eval_step, setup.params, setup.rest, task_data, setup.task, cfg.split, batch_size=batch_size,
+        batch_sharding=setup.batch_sharding, max_batches=cfg.eval_batches, task_cfg=train_cfg.task,
+        with_predictions=True)
     report = {"split": cfg.split, "task": train_cfg.task.name, **origin, "metrics": result}
     title = f"{train_cfg.task.name} on {cfg.split}: " + (
         f"{origin['checkpoint']}" if "checkpoint" in origin else origin["pretrained"])
@@ -112,4 +107,8 @@ def evaluate_from_config(cfg: Any, overrides: list[str]) -> dict:
         path = os.path.join(output_dir, f"eval_{cfg.split}.json")
         run_logging.write_json(path, report)
         print(f"wrote {path}")
+        if predictions is not None:
+            path = os.path.join(output_dir, f"predictions_{cfg.split}.json")
+            run_logging.write_json(path, predictions)
+            print(f"wrote {path}")
     return report

@@ -20,6 +20,8 @@ written after a finiteness check, so the last good one survives.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -29,7 +31,6 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from flax import nnx
 from omegaconf import OmegaConf
 
 from flaxen import checkpoint as checkpointing
@@ -37,14 +38,10 @@ from flaxen import config as config_lib
 from flaxen import distributed
 from flaxen import evaluate as evaluation
 from flaxen import logging as run_logging
-from flaxen import modeling, optim, sharding, steps
+from flaxen import modeling, sharding, state, tasks
 from flaxen.errors import ConfigError, FlaxenError
+from flaxen.state import RNG_IMPL
 from models import peft
-
-
-# Dropout keys: XLA's RngBitGenerator ("rbg") compiles to one op, where threefry unrolls into
-# many (it doubled the train step's compile time of a small BERT on CPU).
-RNG_IMPL = "rbg"
 
 
 class NonFiniteLossError(FlaxenError):
@@ -87,210 +84,92 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
           task_data: Any = None) -> dict:
     config_lib.validate(cfg)
     distributed.initialize(cfg.get("distributed"))
-    run_dir = os.path.abspath(os.path.expanduser(cfg.run_dir))
-    is_main = jax.process_index() == 0
-    writer = run_logging.MetricsWriter(run_dir, tensorboard=cfg.tensorboard, enabled=is_main)
-    log = print if is_main else (lambda *a, **k: None)
-    if is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        previous = os.path.join(run_dir, "config.yaml")
-        if os.path.isfile(previous) and os.path.isdir(os.path.join(run_dir, "checkpoints")):
-            changes = _config_changes(OmegaConf.load(previous), cfg)
-            if changes:
-                log("this run directory was started with a different config: " + "; ".join(changes))
-        run_logging.write_json(os.path.join(run_dir, "config.json"), config_lib.to_container(cfg))
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    task = tasks.get(cfg.task.name)
+    run = RunDirectory(cfg)
+    log = run.log
 
     # ---- mesh ----
     mesh = sharding.make_mesh(cfg.mesh)
-    rules = dict(cfg.mesh.logical_axis_rules)
-    micro_batch = cfg.micro_batch_size or cfg.batch_size
-    accum_steps = cfg.batch_size // micro_batch
-    for key, size in (("batch_size", cfg.batch_size), ("micro_batch_size", micro_batch),
-                      ("eval_batch_size", cfg.eval_batch_size)):
-        if size % (sharding.batch_divisor(mesh) * jax.process_count()):
-            raise ConfigError(f"{key}={size} is not divisible by the {sharding.batch_divisor(mesh)} batch shards "
-                              f"of the mesh (data x fsdp) times {jax.process_count()} processes")
-    batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    _check_batch_sizes(cfg, mesh)
 
     # ---- data ----
-    data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir))
     if task_data is None:
         from flaxen.data import load_task_data
 
-        task_data = load_task_data(cfg.data, cfg.task.name, data_dir, tokenizer_path=modeling.tokenizer_path(cfg))
-    if is_main and getattr(task_data, "tokenizer", None) is not None:
-        modeling.write_tokenizer(run_dir, task_data.tokenizer)
+        task_data = load_task_data(cfg.data, task, run.data_dir, tokenizer_path=modeling.tokenizer_path(cfg))
+    run.write_tokenizer(task_data)
     train_loader = task_data.loader("train", cfg.batch_size // jax.process_count(), seed=cfg.seed, train=True,
                                     process_index=jax.process_index(), process_count=jax.process_count())
+    baselines = task.baselines(task_data)
+    if "unigram_entropy" in baselines:
+        log(f"train split unigram entropy: {baselines['unigram_entropy']:.4f} nats/token (a context-free model's loss)")
 
-    baseline = {}
-    if cfg.task.name in ("mlm", "clm") and hasattr(task_data, "unigram_entropy"):
-        baseline["unigram_entropy"] = float(task_data.unigram_entropy("train"))
-        log(f"train split unigram entropy: {baseline['unigram_entropy']:.4f} nats/token (a context-free model's loss)")
-
-    # ---- model ----
+    # ---- model and sharded state ----
     model, spec = modeling.build(cfg, task_data, log=log)
-    if is_main:
-        modeling.write_spec(run_dir, spec)
-    if trainable_filter is None:
-        trainable_filter = peft.trainable_filter(model)
+    run.write_spec(spec)
+    trainable_filter = peft.trainable_filter(model) if trainable_filter is None else trainable_filter
     counts = peft.parameter_counts(model, trainable_filter)
-    graphdef, params, rest = nnx.split(model, trainable_filter, ...)
-    decay_mask = optim.decay_mask(model, params)
+    setup = state.from_config(cfg, model, mesh=mesh, trainable_filter=trainable_filter)
     del model
-
-    # ---- state ----
-    param_shardings = sharding.state_shardings(mesh, params, rules)
-    rest_shardings = sharding.state_shardings(mesh, rest, rules)
-    params = jax.device_put(params, param_shardings)
-    rest = jax.device_put(rest, rest_shardings)
-    schedule = optim.make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.steps)
-    optimizer = optim.make_optimizer(cfg.optimizer, schedule, decay_mask)
-    opt_shardings = sharding.optimizer_state_shardings(mesh, jax.eval_shape(optimizer.init, params), params,
-                                                       param_shardings)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    rng = jax.random.key(cfg.seed, impl=RNG_IMPL)
     log(f"parameters: {counts['total']:,} total, {counts['trainable']:,} trainable "
         f"({counts['trainable_percent']:.2f}%, peft={spec.peft['name']}); mesh {dict(mesh.shape)}; "
-        f"batch {cfg.batch_size} = {accum_steps} x {micro_batch}")
-
-    # ---- step ----
-    activations = sharding.activation_sharding(mesh, rules)
-    train_step = steps.make_train_step(
-        graphdef, cfg.task.name, optimizer, schedule=schedule, accum_steps=accum_steps, param_shardings=param_shardings,
-        opt_shardings=opt_shardings, rest_shardings=rest_shardings, batch_sharding=batch_sharding,
-        replicated=replicated, activation_sharding=activations)
-    eval_step = steps.make_eval_step(graphdef, cfg.task.name, param_shardings=param_shardings,
-                                     rest_shardings=rest_shardings, batch_sharding=batch_sharding,
-                                     replicated=replicated, activation_sharding=activations)
-
-    def run_eval(step):
-        result = evaluation.evaluate(eval_step, params, rest, task_data, cfg.task.name, cfg.eval_split,
-                                     batch_size=cfg.eval_batch_size, batch_sharding=batch_sharding,
-                                     max_batches=cfg.eval_batches)
-        writer.write(step, evaluation.scalar_metrics(result, cfg.eval_split))
-        return result
+        f"batch {cfg.batch_size} = {setup.accum_steps} x {cfg.batch_size // setup.accum_steps}")
 
     # ---- checkpoint (resume) ----
     metric_name, metric_mode = config_lib.best_metric(cfg)
     evaluating = bool(cfg.eval_split)
-    ckpt = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints,
+    ckpt = checkpointing.Checkpointer(os.path.join(run.path, "checkpoints"), keep=cfg.keep_checkpoints,
                                       best_metric=(metric_name, metric_mode) if evaluating else None)
-    meta = {"step": 0, "best_value": None, "best_step": None, "evals_without_improvement": 0,
-            "tokens": 0, "train_seconds": 0.0, "best_eval": None}
-    start = ckpt.latest_step()
-    if start is not None:
-        restored = ckpt.restore(start, params=modeling.abstract_like(params, param_shardings),
-                                opt_state=modeling.abstract_like(opt_state, opt_shardings),
-                                rest=modeling.abstract_like(rest, rest_shardings))
-        params, opt_state = restored["params"], restored["opt_state"]
-        rest = restored.get("rest", rest)
-        meta.update(restored["meta"])
-        rng = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32), impl=RNG_IMPL)
-        if "data" in restored:
-            train_loader.set_state(restored["data"])
-        log(f"resumed from {ckpt.directory}/{start} (step {meta['step']})")
-    elif cfg.init_from is not None:
-        params, rest, meta["init_from"] = _init_from(cfg.init_from, params, rest, log)
-
-    def save(step, eval_metrics=None):
-        """Checkpoints `step`; `eval_metrics` only for a new best, so the best checkpoint (the
-        best of those saved with metrics) is the first step that reached the best value."""
-        if step in ckpt.all_steps():
-            return
-        meta.update(step=step, rng=np.asarray(jax.random.key_data(rng)).tolist())
-        ckpt.save(step, params=params, opt_state=opt_state, rest=rest, meta=dict(meta), data=train_loader.get_state(),
-                  metrics=None if eval_metrics is None else {metric_name: eval_metrics[metric_name]})
+    current = _start_state(cfg, setup, ckpt, train_loader, log)
+    step = int(current.meta["step"])
+    if step >= cfg.steps and run.finished():
+        ckpt.close()
+        run.close()
+        return run.finished_results(step)
 
     # ---- loop ----
-    step = int(meta["step"])
-    finished = os.path.join(run_dir, "results.json")
-    if step >= cfg.steps and os.path.isfile(finished):
-        ckpt.close()
-        writer.close()
-        log(f"{run_dir} already finished {step} steps; its results.json is kept (delete the directory to retrain)")
-        with open(finished) as f:
-            return json.load(f)
-    first_step = step + 1
-    bar = run_logging.ProgressBar(cfg.steps, initial=step, enabled=is_main and cfg.progress_bar)
-    pending, interval_tokens, status = [], 0, "completed"
-    last_eval, last_eval_step = None, None
-    wall_start = tick = time.perf_counter()
-
-    def flush(step):
-        nonlocal pending, interval_tokens, tick
-        rows = jax.device_get(pending)
-        elapsed = time.perf_counter() - tick
-        losses = np.array([r["loss"] for r in rows])
-        norms = np.array([r["grad_norm"] for r in rows])
-        bad = ~(np.isfinite(losses) & np.isfinite(norms))
-        if bad.any():
-            first = step - len(rows) + int(np.argmax(bad)) + 1
-            good = ckpt.latest_step()
-            raise NonFiniteLossError(
-                f"loss {losses[bad][0]} / grad norm {norms[bad][0]} at step {first} "
-                f"(learning rate {rows[int(np.argmax(bad))]['learning_rate']:.3g}); the last good checkpoint is "
-                f"{f'step {good} in {ckpt.directory}' if good is not None else 'none (nothing was saved)'}. "
-                "Lower optimizer.lr, raise schedule.warmup_steps or set optimizer.clip_norm.")
-        meta["tokens"] += interval_tokens
-        meta["train_seconds"] += elapsed
-        row = {"loss": float(losses.mean()), "learning_rate": float(rows[-1]["learning_rate"]),
-               "grad_norm": float(norms[-1]), "tokens_per_s": interval_tokens / elapsed if elapsed > 0 else 0.0}
-        pending, interval_tokens, tick = [], 0, time.perf_counter()
-        return row
-
+    bar = run_logging.ProgressBar(cfg.steps, initial=step, enabled=run.is_main and cfg.progress_bar)
+    interval = _Interval(ckpt)
+    status, last_eval, last_eval_step, first_step = "completed", None, None, step + 1
+    wall_start = time.perf_counter()
     with _StopRequest() as stop_request:
         try:
             while step < cfg.steps:
                 batch = next(train_loader)
-                params, opt_state, step_metrics = train_step(
-                    params, opt_state, rest, sharding.put_batch(batch, batch_sharding), np.int32(step), rng)
+                current.params, current.opt_state, step_metrics = setup.train_step(
+                    current.params, current.opt_state, current.rest, setup.put_batch(batch), np.int32(step),
+                    current.rng)
                 step += 1
-                pending.append(step_metrics)
+                interval.add(step, step_metrics, batch, first=step == first_step, log=log)
                 bar.update(step)
-                if step == first_step:
-                    jax.block_until_ready(step_metrics)
-                    log(f"step {step}: compiled and ran the first step in {time.perf_counter() - tick:.1f}s")
-                    tick = time.perf_counter()
-                else:
-                    interval_tokens += int(np.asarray(batch["input_ids"]).size) * jax.process_count()
                 last = step == cfg.steps
                 stopping = stop_request.requested or (should_stop is not None and should_stop(step))
                 do_eval = evaluating and (is_time(step, cfg.eval_every) or last)
                 do_save = is_time(step, cfg.checkpoint_every) or last or stopping
                 if is_time(step, cfg.log_every) or do_eval or do_save:
-                    row = flush(step)
-                    writer.write(step, row)
+                    row = interval.flush(step, current.meta)
+                    run.writer.write(step, row)
                     bar.update(step, loss=row["loss"], lr=row["learning_rate"], tokens_per_s=row["tokens_per_s"])
-                paused = time.perf_counter()
-                new_best = None
-                if do_eval:
-                    eval_metrics = last_eval = run_eval(step)
-                    last_eval_step = step
-                    value = eval_metrics[metric_name]
-                    if _improved(value, meta["best_value"], metric_mode):
-                        meta.update(best_value=value, best_step=step, evals_without_improvement=0,
-                                    best_eval={k: v for k, v in eval_metrics.items() if k != "report"})
-                        do_save, new_best = True, eval_metrics
-                    else:
-                        meta["evals_without_improvement"] += 1
-                    bar.write(f"step {step}: " + ", ".join(
-                        f"{cfg.eval_split}/{k} {v:.4g}" for k, v in eval_metrics.items() if isinstance(v, float)))
-                    patience = cfg.early_stopping_patience
-                    if patience is not None and meta["evals_without_improvement"] >= patience:
-                        status, stopping, do_save = "early_stopping", True, True
-                        bar.write(f"early stopping: {metric_name} has not improved in {patience} evaluations")
-                if do_save:
-                    save(step, new_best)
-                tick += time.perf_counter() - paused
+                with interval.paused():
+                    new_best = None
+                    if do_eval:
+                        last_eval, last_eval_step = _evaluate(cfg, setup, current, task_data, run.writer, step), step
+                        bar.write(f"step {step}: " + ", ".join(f"{cfg.eval_split}/{k} {v:.4g}"
+                                                               for k, v in last_eval.items() if isinstance(v, float)))
+                        if _record_eval(current.meta, last_eval, step, metric_name, metric_mode):
+                            do_save, new_best = True, last_eval
+                        elif _patience_exhausted(cfg, current.meta):
+                            status, stopping, do_save = "early_stopping", True, True
+                            bar.write(f"early stopping: {metric_name} has not improved in "
+                                      f"{cfg.early_stopping_patience} evaluations")
+                    if do_save:
+                        _save(ckpt, step, current, train_loader, metric_name, new_best)
                 if stopping:
                     status = "early_stopping" if status == "early_stopping" else "interrupted"
                     break
         finally:
             bar.close()
-            writer.close()
+            run.writer.close()
 
     # ---- end ----
     if status == "interrupted":
@@ -298,28 +177,218 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
         log(f"stopped at step {step}; checkpoint saved in {ckpt.directory}. Run the same command to resume.")
         return {"status": status, "steps": step}
     if evaluating and last_eval_step != step:
-        last_eval = run_eval(step)
-    results = {
+        last_eval = _evaluate(cfg, setup, current, task_data, None, step)
+    results = _results(cfg, status, step, current, last_eval, (metric_name, metric_mode), evaluating,
+                       time.perf_counter() - wall_start, counts, spec, baselines, ckpt)
+    ckpt.close()
+    run.write_results(results)
+    return results
+
+
+# ---------------------------------------------------------------------- helpers of train()
+
+
+class RunDirectory:
+    """The run directory's bookkeeping: where it is, the config it was started with (a changed
+    config is reported), the tokenizer and model description, metrics writers and results.json.
+    Only process 0 writes."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.path = os.path.abspath(os.path.expanduser(cfg.run_dir))
+        self.data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir))
+        self.is_main = jax.process_index() == 0
+        self.log = print if self.is_main else (lambda *a, **k: None)
+        self.writer = run_logging.MetricsWriter(self.path, tensorboard=cfg.tensorboard, enabled=self.is_main)
+        if not self.is_main:
+            return
+        os.makedirs(self.path, exist_ok=True)
+        previous = os.path.join(self.path, "config.yaml")
+        if os.path.isfile(previous) and os.path.isdir(os.path.join(self.path, "checkpoints")):
+            changes = _config_changes(OmegaConf.load(previous), cfg)
+            if changes:
+                self.log("this run directory was started with a different config: " + "; ".join(changes))
+        run_logging.write_json(os.path.join(self.path, "config.json"), config_lib.to_container(cfg))
+        with open(previous, "w") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+
+    def write_tokenizer(self, task_data: Any) -> None:
+        if self.is_main and getattr(task_data, "tokenizer", None) is not None:
+            modeling.write_tokenizer(self.path, task_data.tokenizer)
+
+    def write_spec(self, spec: modeling.ModelSpec) -> None:
+        if self.is_main:
+            modeling.write_spec(self.path, spec)
+
+    def finished(self) -> bool:
+        return os.path.isfile(os.path.join(self.path, "results.json"))
+
+    def finished_results(self, step: int) -> dict:
+        self.log(f"{self.path} already finished {step} steps; its results.json is kept (delete the directory to "
+                 "retrain)")
+        with open(os.path.join(self.path, "results.json")) as f:
+            return json.load(f)
+
+    def write_results(self, results: dict) -> None:
+        path = os.path.join(self.path, "results.json")
+        if self.is_main:
+            run_logging.write_json(path, results)
+        self.log(f"done: {results['steps']} steps; results in {path}")
+        self.log(f"evaluate with: python eval.py {config_lib.shell_override('run_dir', self.path)} "
+                 f"split={self.cfg.eval_split or 'validation'}")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _check_batch_sizes(cfg: Any, mesh) -> None:
+    micro_batch = cfg.micro_batch_size or cfg.batch_size
+    for key, size in (("batch_size", cfg.batch_size), ("micro_batch_size", micro_batch),
+                      ("eval_batch_size", cfg.eval_batch_size)):
+        if size % (sharding.batch_divisor(mesh) * jax.process_count()):
+            raise ConfigError(f"{key}={size} is not divisible by the {sharding.batch_divisor(mesh)} batch shards "
+                              f"of the mesh (data x fsdp) times {jax.process_count()} processes")
+
+
+@dataclasses.dataclass
+class _State:
+    """What a checkpoint holds besides the data position: parameters, optimizer state, frozen
+    variables, the dropout key and `meta` (step, best value and step, counters, init_from record)."""
+    params: Any
+    opt_state: Any
+    rest: Any
+    rng: Any
+    meta: dict
+
+
+def _start_state(cfg: Any, setup: state.TrainSetup, ckpt, train_loader, log) -> _State:
+    """The latest checkpoint's state (resume, data position included), else the fresh state
+    (with `init_from`'s parameters when set)."""
+    current = _State(setup.params, setup.opt_state, setup.rest, jax.random.key(cfg.seed, impl=RNG_IMPL),
+                     {"step": 0, "best_value": None, "best_step": None, "evals_without_improvement": 0,
+                      "tokens": 0, "train_seconds": 0.0, "best_eval": None})
+    start = ckpt.latest_step()
+    if start is not None:
+        restored = ckpt.restore(start, params=modeling.abstract_like(current.params, setup.param_shardings),
+                                opt_state=modeling.abstract_like(current.opt_state, setup.opt_shardings),
+                                rest=modeling.abstract_like(current.rest, setup.rest_shardings))
+        current.params, current.opt_state = restored["params"], restored["opt_state"]
+        current.rest = restored.get("rest", current.rest)
+        current.meta.update(restored["meta"])
+        current.rng = jax.random.wrap_key_data(np.asarray(current.meta["rng"], np.uint32), impl=RNG_IMPL)
+        if "data" in restored:
+            train_loader.set_state(restored["data"])
+        log(f"resumed from {ckpt.directory}/{start} (step {current.meta['step']})")
+    elif cfg.init_from is not None:
+        current.params, current.rest, current.meta["init_from"] = _init_from(cfg.init_from, current.params,
+                                                                             current.rest, log)
+    return current
+
+
+def _save(ckpt, step: int, current: _State, train_loader, metric_name: str, eval_metrics: dict | None) -> None:
+    """Checkpoints `step`; `eval_metrics` only for a new best, so the best checkpoint (the best of
+    those saved with metrics) is the first step that reached the best value."""
+    if step in ckpt.all_steps():
+        return
+    current.meta.update(step=step, rng=np.asarray(jax.random.key_data(current.rng)).tolist())
+    ckpt.save(step, params=current.params, opt_state=current.opt_state, rest=current.rest, meta=dict(current.meta),
+              data=train_loader.get_state(),
+              metrics=None if eval_metrics is None else {metric_name: eval_metrics[metric_name]})
+
+
+def _evaluate(cfg: Any, setup: state.TrainSetup, current: _State, task_data: Any, writer, step: int) -> dict:
+    """Metrics of cfg.eval_split at `step`, written to metrics.jsonl / TensorBoard when `writer` is given."""
+    result = evaluation.evaluate(setup.eval_step, current.params, current.rest, task_data, setup.task,
+                                 cfg.eval_split, batch_size=cfg.eval_batch_size, batch_sharding=setup.batch_sharding,
+                                 max_batches=cfg.eval_batches, task_cfg=cfg.task)
+    if writer is not None:
+        writer.write(step, evaluation.scalar_metrics(result, cfg.eval_split))
+    return result
+
+
+def _record_eval(meta: dict, result: dict, step: int, metric_name: str, mode: str) -> bool:
+    """Updates the best value / step / evaluation in `meta`; True when `result` is a new best."""
+    value = result[metric_name]
+    if _improved(value, meta["best_value"], mode):
+        meta.update(best_value=value, best_step=step, evals_without_improvement=0,
+                    best_eval={k: v for k, v in result.items() if k != "report"})
+        return True
+    meta["evals_without_improvement"] += 1
+    return False
+
+
+def _patience_exhausted(cfg: Any, meta: dict) -> bool:
+    patience = cfg.early_stopping_patience
+    return patience is not None and meta["evals_without_improvement"] >= patience
+
+
+class _Interval:
+    """Step metrics since the last log row: their mean loss, the tokens and time they took, and
+    the NaN guard (a non-finite loss or gradient norm stops the run before anything is saved).
+    Time spent evaluating and saving (`paused()`) does not count as training time; the first
+    step (compilation) counts neither tokens nor time."""
+
+    def __init__(self, ckpt):
+        self.ckpt = ckpt
+        self.pending, self.tokens, self.tick = [], 0, time.perf_counter()
+
+    def add(self, step: int, step_metrics: dict, batch: dict, *, first: bool, log) -> None:
+        self.pending.append(step_metrics)
+        if first:
+            jax.block_until_ready(step_metrics)
+            log(f"step {step}: compiled and ran the first step in {time.perf_counter() - self.tick:.1f}s")
+            self.tick = time.perf_counter()
+        else:
+            self.tokens += int(np.asarray(batch["input_ids"]).size) * jax.process_count()
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.tick += time.perf_counter() - start
+
+    def flush(self, step: int, meta: dict) -> dict:
+        """The log row of the steps up to `step`; adds their tokens and time to `meta`."""
+        rows = jax.device_get(self.pending)
+        elapsed = time.perf_counter() - self.tick
+        losses = np.array([r["loss"] for r in rows])
+        norms = np.array([r["grad_norm"] for r in rows])
+        bad = ~(np.isfinite(losses) & np.isfinite(norms))
+        if bad.any():
+            first = step - len(rows) + int(np.argmax(bad)) + 1
+            good = self.ckpt.latest_step()
+            raise NonFiniteLossError(
+                f"loss {losses[bad][0]} / grad norm {norms[bad][0]} at step {first} "
+                f"(learning rate {rows[int(np.argmax(bad))]['learning_rate']:.3g}); the last good checkpoint is "
+                f"{f'step {good} in {self.ckpt.directory}' if good is not None else 'none (nothing was saved)'}. "
+                "Lower optimizer.lr, raise schedule.warmup_steps or set optimizer.clip_norm.")
+        meta["tokens"] += self.tokens
+        meta["train_seconds"] += elapsed
+        row = {"loss": float(losses.mean()), "learning_rate": float(rows[-1]["learning_rate"]),
+               "grad_norm": float(norms[-1]), "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0}
+        self.pending, self.tokens, self.tick = [], 0, time.perf_counter()
+        return row
+
+
+def _results(cfg, status, step, current: _State, last_eval, best_metric, evaluating, wall_seconds, counts, spec,
+             baselines, ckpt) -> dict:
+    meta = current.meta
+    return {
         "experiment": cfg.experiment_name, "status": status, "steps": step,
         "final_eval": last_eval,
         "best_eval": {"step": meta["best_step"], **(meta["best_eval"] or {})} if evaluating else None,
-        "best_metric": {"name": metric_name, "mode": metric_mode},
-        "wall_seconds": time.perf_counter() - wall_start, "train_seconds": meta["train_seconds"],
+        "best_metric": {"name": best_metric[0], "mode": best_metric[1]},
+        "wall_seconds": wall_seconds, "train_seconds": meta["train_seconds"],
         "tokens": meta["tokens"],
         "tokens_per_s": meta["tokens"] / meta["train_seconds"] if meta["train_seconds"] else None,
-        "parameters": counts, "peft": spec.peft, **baseline,
+        "parameters": counts, "peft": spec.peft, **baselines,
         "init_from": meta.get("init_from"),
-        "optimizer_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(opt_state))),
+        "optimizer_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(current.opt_state))),
         "peak_memory": run_logging.peak_memory(),
         "checkpoints": {"directory": ckpt.directory, "steps": ckpt.all_steps(), "best_step": ckpt.best_step()},
     }
-    ckpt.close()
-    if is_main:
-        run_logging.write_json(os.path.join(run_dir, "results.json"), results)
-    log(f"done: {step} steps; results in {os.path.join(run_dir, 'results.json')}")
-    log(f"evaluate with: python eval.py {config_lib.shell_override('run_dir', run_dir)} "
-        f"split={cfg.eval_split or 'validation'}")
-    return results
 
 
 def _init_from(source: str, params, rest, log):

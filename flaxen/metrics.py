@@ -10,11 +10,17 @@ names and variable-length word sequences; the device only returns per-example pr
   IOB1 (an entity may start with `I-`; `B-` only separates two adjacent entities of one type)
   and IOB2 (every entity starts with `B-`). `entity_report` adds the per-type breakdown.
 - Language modelling (mlm, clm): `perplexity` from a mean token cross-entropy in nats.
+- Extractive QA (qa): SQuAD v1.1's exact match and token F1 after the official script's answer
+  normalisation (`squad_normalize`), each the maximum over a question's gold answers;
+  `squad_scores` averages them over questions in percent, as evaluate-v1.1.py reports them.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import re
+import string
+from collections import Counter
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -158,3 +164,58 @@ def perplexity(mean_loss: float) -> float:
         return math.exp(mean_loss)
     except OverflowError:
         return math.inf
+
+
+# ---------------------------------------------------------------- SQuAD v1.1 (extractive QA)
+
+_SQUAD_PUNCTUATION = frozenset(string.punctuation)
+_SQUAD_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def squad_normalize(text: str) -> str:
+    """The official SQuAD v1.1 answer normalisation: lower case, drop ASCII punctuation
+    (string.punctuation), replace the articles a/an/the by spaces, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _SQUAD_PUNCTUATION)
+    text = _SQUAD_ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def squad_exact_match(prediction: str, gold: str) -> float:
+    """1.0 when the normalised strings are equal, else 0.0."""
+    return float(squad_normalize(prediction) == squad_normalize(gold))
+
+
+def squad_f1(prediction: str, gold: str) -> float:
+    """Token-overlap F1 of the normalised strings (bags of whitespace tokens). As the official v1.1
+    script: 0 when no token is shared, including when both normalise to nothing (the v2.0 script
+    and torchmetrics give 1 there)."""
+    prediction_tokens = squad_normalize(prediction).split()
+    gold_tokens = squad_normalize(gold).split()
+    shared = sum((Counter(prediction_tokens) & Counter(gold_tokens)).values())
+    if shared == 0:
+        return 0.0
+    precision = shared / len(prediction_tokens)
+    recall = shared / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_max_over_gold(metric: Callable[[str, str], float], prediction: str, golds: Sequence[str]) -> float:
+    """The best score of `prediction` against any of a question's gold answers."""
+    if not len(golds):
+        raise ValueError("a question needs at least one gold answer (SQuAD v1.1)")
+    return max(metric(prediction, gold) for gold in golds)
+
+
+def squad_scores(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """{"exact_match", "f1"} in percent (0-100) over the questions of `references` ({id: gold
+    answers}); `predictions` is {id: answer text}. A question without a prediction scores 0 (the
+    official script warns and counts it); predictions for ids not in `references` are ignored."""
+    exact, f1 = 0.0, 0.0
+    for qid, golds in references.items():
+        if qid not in predictions:
+            continue
+        exact += squad_max_over_gold(squad_exact_match, predictions[qid], golds)
+        f1 += squad_max_over_gold(squad_f1, predictions[qid], golds)
+    total = len(references)
+    return {"exact_match": 100.0 * _safe_div(exact, total), "f1": 100.0 * _safe_div(f1, total)}

@@ -36,7 +36,7 @@ from flax import nnx
 import models
 from flaxen import logging as run_logging
 from flaxen import tasks
-from flaxen.errors import CheckpointError, ConfigError
+from flaxen.errors import CheckpointError
 from models import peft
 
 MODEL_FILE = "model.json"
@@ -94,28 +94,16 @@ def apply_peft(model: models.Model, config: Any, seed: int) -> models.Model:
     return peft.apply(model, config, rngs=nnx.Rngs(key))
 
 
-def num_labels_of(cfg: Any, task_data: Any) -> int:
-    task = cfg.task.name
-    if task not in ("seq_cls", "token_cls"):
-        return 2
-    if cfg.task.num_labels is not None:
-        return int(cfg.task.num_labels)
-    if getattr(task_data, "num_labels", None):
-        return int(task_data.num_labels)
-    if task_data.label_names is None:
-        raise ConfigError(f"task.num_labels is not set and data '{cfg.data.name}' declares no label names")
-    return len(task_data.label_names)
-
-
 def build(cfg: Any, task_data: Any, log=print) -> tuple[models.Model, ModelSpec]:
     """The starting model of a run (pretrained or from scratch, with `cfg.peft` applied; init_from
     is applied by the loop)."""
-    head = tasks.HEAD[cfg.task.name]
-    num_labels = num_labels_of(cfg, task_data)
-    label_names = list(task_data.label_names) if task_data.label_names is not None else None
+    task = tasks.get(cfg.task.name)
+    head = task.head
+    num_labels = task.num_labels(cfg, task_data)
+    label_names = list(task_data.label_names) if getattr(task_data, "label_names", None) is not None else None
     if cfg.model.pretrained is not None:
         kwargs = {"dtype": cfg.model.dtype, "remat": cfg.model.remat, "seed": cfg.seed}
-        if head in ("seq_cls", "token_cls"):
+        if task.labelled:
             kwargs["num_labels"] = num_labels
             if label_names is not None and len(label_names) == num_labels:
                 kwargs["id2label"] = label_names

@@ -14,7 +14,10 @@ train_step(params, opt_state, rest, batch, step, rng) -> (params, opt_state, met
     Dropout: key fold_in(fold_in(rng, step), micro_batch). params and opt_state are donated.
     metrics: loss (mean over the batch's scored tokens/rows), grad_norm (before clipping), weight,
     and learning_rate (the `schedule` at this update) when a schedule is given.
-eval_step(params, rest, batch) -> tasks.eval_outputs(...) (replicated).
+eval_step(params, rest, batch) -> task.eval_outputs(...) (replicated).
+
+`task` is a flaxen Task (flaxen/tasks/): it names the model's inputs and turns the model's output
+into loss terms and evaluation outputs; the steps never look at its name.
 
 `activation_sharding` (flaxen.sharding.activation_sharding(mesh, rules)) is entered while the
 model is traced, so the models' block-boundary constraints (models.layers.constrain) apply.
@@ -33,13 +36,12 @@ from flaxen.optim import global_norm
 from models import layers
 
 
-def _forward(graphdef, params, rest, task: str, batch: dict, rng, activation_sharding=None):
+def _forward(graphdef, params, rest, task, batch: dict, rng, activation_sharding=None):
+    """The model's output (models.ModelOutput) on `batch`; dropout when `rng` is given."""
     model = nnx.merge(graphdef, params, rest)
     deterministic = rng is None
     with layers.activation_sharding(activation_sharding):
-        out = model(batch["input_ids"], **tasks.model_inputs(task, batch), deterministic=deterministic,
-                    dropout_rng=rng)
-    return out.logits
+        return model(batch["input_ids"], **task.model_inputs(batch), deterministic=deterministic, dropout_rng=rng)
 
 
 def _micro_batches(batch: dict, accum_steps: int) -> dict:
@@ -52,22 +54,24 @@ def _micro_batches(batch: dict, accum_steps: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef, task: str, optimizer: optax.GradientTransformation, *, schedule=None, accum_steps: int = 1,
+def make_train_step(graphdef, task, optimizer: optax.GradientTransformation, *, schedule=None, accum_steps: int = 1,
                     param_shardings: Any = None, opt_shardings: Any = None, rest_shardings: Any = None,
                     batch_sharding: Any = None, replicated: Any = None, donate: bool = True,
                     activation_sharding: Any = None):
-    """The jitted train step (see the module docstring). Shardings None = let jit decide."""
+    """The jitted train step (see the module docstring). `task`: a Task or its name. Shardings
+    None = let jit decide."""
+    task = tasks.get(task)
 
     def loss_fn(params, rest, batch, rng, weight):
-        logits = _forward(graphdef, params, rest, task, batch, rng, activation_sharding)
-        loss_sum, _ = tasks.loss_terms(task, logits, batch)
+        output = _forward(graphdef, params, rest, task, batch, rng, activation_sharding)
+        loss_sum, _ = task.loss_terms(output, batch)
         return loss_sum / weight, loss_sum
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def train_step(params, opt_state, rest, batch, step, rng):
         rng = jax.random.fold_in(rng, step)
-        weight = jnp.maximum(tasks.loss_weight(task, batch), 1.0)
+        weight = jnp.maximum(task.loss_weight(batch), 1.0)
         if accum_steps == 1:
             grads, loss_sum = grad_fn(params, rest, batch, rng, weight)
         else:
@@ -96,13 +100,14 @@ def make_train_step(graphdef, task: str, optimizer: optax.GradientTransformation
     return jax.jit(train_step, donate_argnums=(0, 1) if donate else (), **shardings)
 
 
-def make_eval_step(graphdef, task: str, *, param_shardings: Any = None, rest_shardings: Any = None,
+def make_eval_step(graphdef, task, *, param_shardings: Any = None, rest_shardings: Any = None,
                    batch_sharding: Any = None, replicated: Any = None, activation_sharding: Any = None):
-    """The jitted eval step: deterministic forward pass, then tasks.eval_outputs."""
+    """The jitted eval step: deterministic forward pass, then task.eval_outputs."""
+    task = tasks.get(task)
 
     def eval_step(params, rest, batch):
-        logits = _forward(graphdef, params, rest, task, batch, None, activation_sharding)
-        return tasks.eval_outputs(task, logits, batch)
+        output = _forward(graphdef, params, rest, task, batch, None, activation_sharding)
+        return task.eval_outputs(output, batch)
 
     shardings = dict(in_shardings=(param_shardings, rest_shardings, batch_sharding),
                      out_shardings=replicated) if param_shardings is not None else {}

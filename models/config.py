@@ -11,8 +11,9 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+from models.errors import ConfigError
+
 FAMILIES = ("bert", "gpt2")
-HEADS = ("mlm", "causal_lm", "seq_cls", "token_cls")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,18 +41,12 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.family not in FAMILIES:
-            from flaxen.errors import ConfigError
-
             raise ConfigError(f"model.family={self.family!r}: expected one of {', '.join(FAMILIES)}")
         if self.hidden_size % self.num_heads:
-            from flaxen.errors import ConfigError
-
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}"
             )
         if self.dtype not in ("float32", "bfloat16"):
-            from flaxen.errors import ConfigError
-
             raise ConfigError(f"model.dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
 
     @property

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxen.errors import ConfigError
+from models.errors import ConfigError
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:

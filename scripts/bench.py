@@ -33,12 +33,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import models  # noqa: E402
-from flaxen import modeling, optim, sharding, steps  # noqa: E402
+from flaxen import modeling, sharding, state  # noqa: E402
 from flaxen.config import MeshConfig, OptimizerConfig  # noqa: E402
-from flaxen.loop import RNG_IMPL  # noqa: E402
+from flaxen.state import RNG_IMPL  # noqa: E402
 
 
 def emit(row: dict) -> None:
@@ -73,25 +72,14 @@ def non_embedding_parameters(params) -> int:
 
 
 def prepare_train_step(model, task: str, optimizer_cfg, batch: dict, warmup: int):
-    """flaxen's train step on `batch` (same setup as flaxen.loop), compiled and warmed up.
+    """flaxen's train step on `batch` (flaxen.state.build, as flaxen.loop), compiled and warmed up.
 
     Returns (run_one, info): run_one() runs one step to completion; info holds compile time,
     non-embedding parameter count and the last loss."""
-    mesh = sharding.make_mesh(MeshConfig())
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    param_shardings = sharding.state_shardings(mesh, params, {})
-    rest_shardings = sharding.state_shardings(mesh, rest, {})
-    schedule = optax.constant_schedule(optimizer_cfg.lr)
-    optimizer = optim.make_optimizer(optimizer_cfg, schedule, optim.decay_mask(model, params))
-    params = jax.device_put(params, param_shardings)
-    opt_shardings = sharding.optimizer_state_shardings(mesh, jax.eval_shape(optimizer.init, params), params,
-                                                       param_shardings)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    batch_sharding = sharding.batch_sharding(mesh)
-    train_step = steps.make_train_step(
-        graphdef, task, optimizer, schedule=schedule, param_shardings=param_shardings, opt_shardings=opt_shardings,
-        rest_shardings=rest_shardings, batch_sharding=batch_sharding, replicated=sharding.replicated(mesh),
-        activation_sharding=sharding.activation_sharding(mesh, {}))
+    setup = state.build(model, task, sharding.make_mesh(MeshConfig()), {}, optimizer_cfg=optimizer_cfg,
+                        schedule=optax.constant_schedule(optimizer_cfg.lr))
+    params, opt_state, rest, train_step = setup.params, setup.opt_state, setup.rest, setup.train_step
+    batch_sharding = setup.batch_sharding
     rng = jax.random.key(0, impl=RNG_IMPL)
     start = time.perf_counter()
     params, opt_state, metrics = train_step(params, opt_state, rest, sharding.put_batch(batch, batch_sharding),
@@ -102,16 +90,16 @@ def prepare_train_step(model, task: str, optimizer_cfg, batch: dict, warmup: int
         params, opt_state, metrics = train_step(params, opt_state, rest, sharding.put_batch(batch, batch_sharding),
                                                 np.int32(step), rng)
     jax.block_until_ready(metrics)
-    state = {"params": params, "opt_state": opt_state, "step": warmup, "metrics": metrics}
+    current = {"params": params, "opt_state": opt_state, "step": warmup, "metrics": metrics}
     info = {"compile_s": compile_seconds, "non_embedding_params": non_embedding_parameters(params)}
 
     def run_one():
-        state["params"], state["opt_state"], state["metrics"] = train_step(
-            state["params"], state["opt_state"], rest, sharding.put_batch(batch, batch_sharding),
-            np.int32(state["step"]), rng)
-        jax.block_until_ready(state["metrics"])
-        state["step"] += 1
-        info["loss"] = float(state["metrics"]["loss"])
+        current["params"], current["opt_state"], current["metrics"] = train_step(
+            current["params"], current["opt_state"], rest, sharding.put_batch(batch, batch_sharding),
+            np.int32(current["step"]), rng)
+        jax.block_until_ready(current["metrics"])
+        current["step"] += 1
+        info["loss"] = float(current["metrics"]["loss"])
 
     return run_one, info
 

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from flaxen import tasks  # noqa: E402
 from flaxen.data import as_data_config, load_task_data  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "data")
@@ -56,7 +57,7 @@ def time_train_step(task_data, task: str, batch_size: int, steps: int, seed: int
 
     import models
     from flaxen import steps as flaxen_steps
-    head = {"seq_cls": "seq_cls", "token_cls": "token_cls"}[task]
+    head = tasks.get(task).head
     model = models.load_pretrained(minilm_path(), head=head, num_labels=len(task_data.label_names))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     optimizer = optax.adamw(2e-5)
@@ -102,7 +103,7 @@ def main(argv=None) -> None:
             cfg.window_length = 64
         tokenizer_path = minilm_path() if name in MINILM_PRESETS else None
         start = time.perf_counter()
-        task_data = load_task_data(cfg, task, args.data_dir, tokenizer_path=tokenizer_path)
+        task_data = load_task_data(cfg, tasks.get(task), args.data_dir, tokenizer_path=tokenizer_path)
         prepare = time.perf_counter() - start
         start = time.perf_counter()
         loader = task_data.loader("train", args.batch_size, seed=args.seed, train=True)

@@ -113,9 +113,9 @@ class InMemoryTaskData:
     def loader(self, split, batch_size, *, seed=0, train=False, process_index=0, process_count=1):
         return _Loader(self.splits[split], batch_size, seed, train)
 
-    def word_labels(self, split):
-        data = self.splits[split]
-        return [[self.label_names[i] for i in row[row != IGNORE]] for row in data["labels"]]
+    def records(self, split):
+        """token_cls: the stored sentences as the task reads them (one tag id per word)."""
+        return [{"tags": row[row != IGNORE].tolist()} for row in self.splits[split]["labels"]]
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from flaxen import config
+from flaxen import config, tasks
 from flaxen.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +17,7 @@ def test_default_is_the_quickstart_experiment(monkeypatch, tmp_path):
     monkeypatch.setenv("FLAXEN_DATA_DIR", str(tmp_path))
     cfg = config.compose(["run_dir=/tmp/x"])
     assert cfg.experiment_name == "quickstart"
-    assert cfg.data.name == "quickstart" and cfg.task.name in config.TASKS
+    assert cfg.data.name == "quickstart" and cfg.task.name in tasks.names()
     assert cfg.data_dir == str(tmp_path)
 
 

@@ -5,6 +5,9 @@ import os
 import numpy as np
 import pytest
 
+from flaxen import tasks
+from flaxen.tasks.token_cls import word_labels
+
 from flaxen.data import DataConfig, TokenizerConfig, load_task_data
 from flaxen.errors import ConfigError, DataError
 
@@ -43,7 +46,7 @@ def tsv_config(tmp_path, **kw):
 
 
 def load(cfg, tmp_path, task):
-    return load_task_data(cfg, task, str(tmp_path))
+    return load_task_data(cfg, tasks.get(task), str(tmp_path))
 
 
 def test_conll_line_with_wrong_column_count_names_file_and_line(tmp_path):
@@ -57,7 +60,7 @@ def test_tab_separated_conll_with_configured_columns(tmp_path):
     write(tmp_path, "train.txt", "EU\tB-ORG\nrejects\tO\n \nPeter\tB-PER\n\t\nx\tO\n")
     data = load(conll_config(tmp_path, separator="\t", token_column=0, tag_column=1), tmp_path, "token_cls")
     assert [r["tokens"] for r in data.records("train")] == [["EU", "rejects"], ["Peter"], ["x"]]
-    assert data.word_labels("train") == [["B-ORG", "O"], ["B-PER"], ["O"]]
+    assert word_labels(data, "train") == [["B-ORG", "O"], ["B-PER"], ["O"]]
     assert data.label_names == ["B-ORG", "B-PER", "O"]
 
 
@@ -220,7 +223,7 @@ def test_catalog_conll2003_is_read_and_converted(tmp_path, monkeypatch):
                      tokenizer=TokenizerConfig(kind="word"), prepared_dir=str(tmp_path / "prepared"))
     data = load(cfg, tmp_path, "token_cls")
     sentences = sorted(zip(map(tuple, (r["tokens"] for r in data.records("validation"))),
-                           map(tuple, data.word_labels("validation"))))
+                           map(tuple, word_labels(data, "validation"))))
     assert sentences == [(("EU", "rejects", "German", "call"), ("B-ORG", "O", "B-MISC", "O")),
                          (("Peter", "Blackburn"), ("B-PER", "I-PER"))]
 
@@ -257,7 +260,7 @@ def test_read_only_data_dir_prepares_into_the_user_cache(tmp_path, monkeypatch):
     try:
         cfg = DataConfig(name="tiny", source="delimited", splits={"train": "train.tsv"},
                          tokenizer=TokenizerConfig(kind="word"))
-        data = load_task_data(cfg, "seq_cls", str(shared))
+        data = load_task_data(cfg, tasks.get("seq_cls"), str(shared))
         assert data.prepared.path.startswith(str(tmp_path / "home" / ".cache" / "flaxen" / "tfds"))
         assert sorted(os.listdir(shared)) == ["train.tsv"]
         writable = tmp_path / "mine"

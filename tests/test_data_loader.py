@@ -6,6 +6,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from flaxen import tasks
+from flaxen.tasks.clm import token_stream
+from flaxen.tasks.mlm import packs as mlm_packs
+
 from flaxen.data import DataConfig, SyntheticConfig, TokenizerConfig, encoding, load_task_data
 from flaxen.errors import CheckpointError
 
@@ -20,7 +24,7 @@ def quickstart(prepared, kind, task, **kw):
                            num_validation=200 if kind == "corpus" else 103)
     cfg = DataConfig(name=f"q_{kind}", source="synthetic", synthetic=spec, tokenizer=TokenizerConfig(kind="word"),
                      prepared_dir=prepared, window_length=32, max_length=32, bucket_lengths=[8, 16, 32], **kw)
-    return load_task_data(cfg, task, prepared)
+    return load_task_data(cfg, tasks.get(task), prepared)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +97,7 @@ def find(stream, row):
 
 
 def test_clm_windows(corpus_clm):
-    stream = corpus_clm.token_stream("train")
+    stream = token_stream(corpus_clm, "train")
     loader = corpus_clm.loader("train", 8, seed=0, train=True)
     for _ in range(4):
         batch = next(loader)
@@ -101,7 +105,7 @@ def test_clm_windows(corpus_clm):
         for inputs, labels in zip(batch["input_ids"], batch["labels"]):
             both = np.concatenate([inputs, labels[-1:]])
             assert find(stream, both), "a training row is not a contiguous window of the stream"
-    eval_stream = corpus_clm.token_stream("validation")
+    eval_stream = token_stream(corpus_clm, "validation")
     batches = list(corpus_clm.loader("validation", 8, seed=0, train=False))
     inputs = np.concatenate([b["input_ids"][b["attention_mask"] == 1] for b in batches])
     targets = np.concatenate([b["labels"][b["labels"] != -100] for b in batches])
@@ -113,7 +117,7 @@ def test_mlm_masking_statistics(corpus_mlm):
     """BERT's recipe: 15 % of content tokens chosen; of those 80 % [MASK], 10 % random, 10 % kept.
     Bounds are 5 standard deviations of the binomial counts."""
     tokenizer = corpus_mlm.tokenizer
-    packs = corpus_mlm._packs("train")
+    packs = mlm_packs(corpus_mlm, "train")
     specials = set(tokenizer.special_ids)
     chosen = content = masked = replaced = kept = 0
     position = 0

@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from flaxen import tasks
+from flaxen.tasks.clm import token_stream
+from flaxen.tasks.token_cls import word_labels
+
 DATA_DIR = os.environ.get("FLAXEN_DATA_DIR")
 pytestmark = pytest.mark.skipif(not DATA_DIR, reason="FLAXEN_DATA_DIR is not set (it should point at the shared "
                                                      "data root holding conll2003/, sst2/, tinyshakespeare/)")
@@ -37,19 +41,19 @@ def preset(name, prepared_dir, **overrides):
 @pytest.fixture(scope="module")
 def conll(prepared_dir):
     from flaxen.data import load_task_data
-    return load_task_data(preset("conll2003", prepared_dir), "token_cls", DATA_DIR, tokenizer_path=minilm_path())
+    return load_task_data(preset("conll2003", prepared_dir), tasks.get("token_cls"), DATA_DIR, tokenizer_path=minilm_path())
 
 
 @pytest.fixture(scope="module")
 def sst2(prepared_dir):
     from flaxen.data import load_task_data
-    return load_task_data(preset("sst2", prepared_dir), "seq_cls", DATA_DIR, tokenizer_path=minilm_path())
+    return load_task_data(preset("sst2", prepared_dir), tasks.get("seq_cls"), DATA_DIR, tokenizer_path=minilm_path())
 
 
 @pytest.fixture(scope="module")
 def shakespeare(prepared_dir):
     from flaxen.data import load_task_data
-    return load_task_data(preset("shakespeare_char", prepared_dir, window_length=64), "clm", DATA_DIR)
+    return load_task_data(preset("shakespeare_char", prepared_dir, window_length=64), tasks.get("clm"), DATA_DIR)
 
 
 def read_column_file(path):
@@ -73,10 +77,10 @@ def test_conll2003_published_counts(conll):
     assert conll.splits == ["train", "validation", "test"]
     assert [conll.num_records(s) for s in conll.splits] == [14041, 3250, 3453]
     assert [conll.num_examples(s) for s in conll.splits] == [14041, 3250, 3453]
-    words = {s: sum(len(t) for t in conll.word_labels(s)) for s in conll.splits}
+    words = {s: sum(len(t) for t in word_labels(conll, s)) for s in conll.splits}
     assert words == {"train": 203621, "validation": 51362, "test": 46435}
     # in IOB2 every entity starts with exactly one B- tag
-    types = Counter(tag[2:] for tags in conll.word_labels("train") for tag in tags if tag.startswith("B-"))
+    types = Counter(tag[2:] for tags in word_labels(conll, "train") for tag in tags if tag.startswith("B-"))
     assert types == {"LOC": 7140, "MISC": 3438, "ORG": 6321, "PER": 6600}
     assert conll.tag_scheme == "IOB2"
     assert conll.label_names == ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
@@ -87,7 +91,7 @@ def test_conll2003_iob1_to_iob2_matches_the_shipped_iob2_files(conll):
         reference = read_column_file(os.path.join(DATA_DIR, "conll2003", "iob2", name))
         records = conll.records(split)
         assert [[w for w, _ in s] for s in reference] == [r["tokens"] for r in records]
-        assert [[t for _, t in s] for s in reference] == conll.word_labels(split)
+        assert [[t for _, t in s] for s in reference] == word_labels(conll, split)
 
 
 def test_sst2_published_counts(sst2):
@@ -104,7 +108,7 @@ def test_sst2_published_counts(sst2):
 def test_tiny_shakespeare_counts_and_nanogpt_split(shakespeare):
     with open(os.path.join(DATA_DIR, "tinyshakespeare", "input.txt")) as f:
         text = f.read()
-    train, validation = shakespeare.token_stream("train"), shakespeare.token_stream("validation")
+    train, validation = token_stream(shakespeare, "train"), token_stream(shakespeare, "validation")
     assert len(train) + len(validation) == 1115394
     assert shakespeare.tokenizer.vocab_size == 65
     # nanoGPT's data/shakespeare_char/prepare.py: "train has 1,003,854 tokens", "val has 111,540 tokens"
@@ -122,7 +126,7 @@ def test_word_to_subtoken_alignment_matches_whole_sentence_encoding(conll):
     reference.no_padding()
     reference.enable_truncation(128)
     loader = conll.loader("validation", 64, seed=0, train=False)
-    gold = conll.word_labels("validation")
+    gold = word_labels(conll, "validation")
     names = conll.label_names
     seen = 0
     for batch in loader:
@@ -171,7 +175,7 @@ def test_resumed_loader_replays_the_same_batches(name, request):
 def test_pretraining_mixture_reads_only_train_text(prepared_dir, sst2, conll, shakespeare):
     from flaxen.data import load_task_data
 
-    mixture = load_task_data(preset("pretrain_corpus", prepared_dir, tokenizer={"kind": "word"}), "mlm", DATA_DIR)
+    mixture = load_task_data(preset("pretrain_corpus", prepared_dir, tokenizer={"kind": "word"}), tasks.get("mlm"), DATA_DIR)
     train, held_out = mixture.sentences("train"), mixture.sentences("validation")
     sst2_lines = [" ".join(t.split()) for t in sst2.texts("train")]
     conll_lines = conll.texts("train")

@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 
+from flaxen import tasks
+
 from flaxen.data import encoding, tags
 from flaxen.data import tokenizers as tokenization
 
@@ -138,9 +140,9 @@ def test_pack_and_collate_buckets():
         [1, 2], [3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13], [14]]
     rows = [{"input_ids": np.arange(n, dtype=np.int32), "token_type_ids": np.zeros(n, np.int32),
              "labels": np.int32(n % 2)} for n in (3, 9)]
-    batch = encoding.collate(rows + [encoding.PADDING], 3, [4, 8, 16], 0, "seq_cls")
+    batch = tasks.get("seq_cls").collate(rows + [encoding.PADDING], 3, [4, 8, 16], 0)
     assert batch["input_ids"].shape == (3, 16)
     assert batch["attention_mask"].sum(1).tolist() == [3, 9, 0]
     assert batch["labels"].tolist() == [1, 1, -100] and batch["valid"].tolist() == [1, 1, 0]
-    small = encoding.collate(rows[:1], 1, [4, 8, 16], 0, "seq_cls")
+    small = tasks.get("seq_cls").collate(rows[:1], 1, [4, 8, 16], 0)
     assert small["input_ids"].shape == (1, 4)

@@ -41,8 +41,9 @@ class SubTokenData:
             self.gold.append(tags)
         self.rows = rows
 
-    def word_labels(self, split):
-        return self.gold
+    def records(self, split):
+        """Stored sentences as the token_cls task reads them: one tag id per word."""
+        return [{"tags": [NAMES.index(t) for t in tags]} for tags in self.gold]
 
     def loader(self, split, batch_size, *, seed=0, train=False, **kwargs):
         for start in range(0, len(self.rows), batch_size):

@@ -2,7 +2,8 @@
 
 The reference is PyTorch transformers in f32 on CPU: real all-MiniLM-L6-v2 weights on a padded
 batch of sentences, and tiny randomly initialised BERT / GPT-2 models (every parameter perturbed,
-so LayerNorm and bias mappings are exercised) saved with transformers' own save_pretrained.
+so LayerNorm and bias mappings are exercised) saved with transformers' own save_pretrained, one
+per head (the 'qa' head against BertForQuestionAnswering's start and end logits).
 """
 import json
 import logging
@@ -27,6 +28,7 @@ BERT_CLASSES = {
     "mlm": transformers.BertForMaskedLM,
     "seq_cls": transformers.BertForSequenceClassification,
     "token_cls": transformers.BertForTokenClassification,
+    "qa": transformers.BertForQuestionAnswering,
 }
 GPT2_CLASSES = {
     None: transformers.GPT2Model,
@@ -37,14 +39,15 @@ GPT2_CLASSES = {
 NUM_LABELS = 3
 
 
-def _bert_config():
+def _bert_config(head=None):
+    """qa_outputs has num_labels outputs in transformers: 2 (answer start, end) for 'qa'."""
     return transformers.BertConfig(
         vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=64, type_vocab_size=2, num_labels=NUM_LABELS,
+        max_position_embeddings=64, type_vocab_size=2, num_labels=2 if head == "qa" else NUM_LABELS,
     )
 
 
-def _gpt2_config():
+def _gpt2_config(head=None):
     return transformers.GPT2Config(
         vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=98, eos_token_id=98,
         pad_token_id=0, num_labels=NUM_LABELS,
@@ -64,9 +67,9 @@ def _perturbed(cls, config, seed):
 def checkpoints(tmp_path_factory):
     """(family, head) -> (torch model, directory written by transformers' save_pretrained)."""
     out = {}
-    for family, classes, config in (("bert", BERT_CLASSES, _bert_config()), ("gpt2", GPT2_CLASSES, _gpt2_config())):
+    for family, classes, config_of in (("bert", BERT_CLASSES, _bert_config), ("gpt2", GPT2_CLASSES, _gpt2_config)):
         for i, (head, cls) in enumerate(classes.items()):
-            torch_model = _perturbed(cls, config, seed=i)
+            torch_model = _perturbed(cls, config_of(head), seed=i)
             path = tmp_path_factory.mktemp(f"{family}_{head}")
             torch_model.save_pretrained(path)
             out[family, head] = torch_model, str(path)
@@ -113,6 +116,11 @@ def _compare(family, head, flax_out, torch_out, mask):
             assert _max_diff(flax_out.pooler_output, torch_out.pooler_output) <= TOL
     elif head == "seq_cls":
         assert _max_diff(flax_out.logits, torch_out.logits) <= TOL
+    elif head == "qa":
+        assert flax_out.logits is None
+        for name in ("start_logits", "end_logits"):
+            assert getattr(flax_out, name).dtype == np.float32
+            assert _max_diff(getattr(flax_out, name), getattr(torch_out, name), real) <= TOL
     else:
         assert _max_diff(flax_out.logits, torch_out.logits, real) <= TOL
 
@@ -161,6 +169,59 @@ def test_gpt2_parity_with_padding(checkpoints, batch, head):
     _compare("gpt2", head, _flaxen_outputs(model, ids, mask), _torch_outputs(torch_model, ids, mask), mask)
 
 
+# ----------------------------------------------------------------------------- heads
+
+
+@pytest.mark.parametrize("family,head", [("bert", h) for h in BERT_CLASSES] + [("gpt2", h) for h in GPT2_CLASSES])
+def test_parameter_count_equals_transformers_per_head(checkpoints, family, head):
+    torch_model, path = checkpoints[family, head]
+    model = models.load_pretrained(path, head=head)
+    assert sum(v.size for v in _params(model).values()) == sum(p.numel() for p in torch_model.parameters())
+
+
+def test_qa_head_outputs_axes_and_families(checkpoints, batch):
+    """'qa': start/end logits [batch, seq] in float32 and no `logits`; a dense [embed -> 2] at
+    every position (no pooler, no num_labels); BERT only."""
+    from models.hf import config_from_hf
+
+    assert "qa" in models.HEADS
+    model = models.build_model(config_from_hf(_bert_config("qa").to_dict()), "qa", num_labels=NUM_LABELS)
+    ids, mask, types = batch
+    out = _flaxen_outputs(model, ids, mask, types)
+    assert out.logits is None and out.pooler_output is None and model.num_labels is None
+    assert out.start_logits.shape == out.end_logits.shape == ids.shape
+    assert out.start_logits.dtype == out.end_logits.dtype == np.float32
+    axes = {".".join(map(str, path)): v.get_metadata().get("out_sharding")
+            for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Param) and path[0] == "head"}
+    assert axes == {"head.dense.kernel": ("embed", "labels"), "head.dense.bias": ("labels",)}
+    assert model.head.dense.kernel.shape == (32, 2)
+
+    gpt2 = config_from_hf(_gpt2_config().to_dict())
+    with pytest.raises(ConfigError, match=r"head='qa' is not available for family 'gpt2'; expected one of None, "
+                                          r"'causal_lm', 'seq_cls', 'token_cls'$"):
+        models.build_model(gpt2, "qa")
+    with pytest.raises(ConfigError, match="head='qa' is not available for model_type 'gpt2'"):
+        models.load_pretrained(checkpoints["gpt2", None][1], head="qa")
+    with pytest.raises(ConfigError, match="num_labels/id2label apply to heads 'seq_cls' and 'token_cls', not head='qa'"):
+        models.load_pretrained(checkpoints["bert", "qa"][1], head="qa", num_labels=2)
+
+
+def test_fresh_qa_head_on_encoder_checkpoint_saved_for_pytorch(checkpoints, batch, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="models.hf"):
+        model = models.load_pretrained(checkpoints["bert", None][1], head="qa")
+    fresh = [r.getMessage() for r in caplog.records if "freshly initialised" in r.getMessage()]
+    assert len(fresh) == 1 and "head.dense.kernel" in fresh[0] and "head.dense.bias" in fresh[0]
+    assert "pooler" not in fresh[0]
+
+    saved = models.save_pretrained(model, tmp_path / "qa")
+    reloaded, info = transformers.BertForQuestionAnswering.from_pretrained(saved, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert json.loads((tmp_path / "qa" / "config.json").read_text())["architectures"] == ["BertForQuestionAnswering"]
+    ids, mask, types = batch
+    _compare("bert", "qa", _flaxen_outputs(model, ids, mask, types), _torch_outputs(reloaded.eval(), ids, mask, types),
+             mask)
+
+
 # ----------------------------------------------------------------------------- round trips
 
 
@@ -168,7 +229,8 @@ def _params(model):
     return {path: np.asarray(v) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-@pytest.mark.parametrize("family,head", [("bert", "mlm"), ("bert", "seq_cls"), ("gpt2", "causal_lm"), ("gpt2", "seq_cls")])
+@pytest.mark.parametrize("family,head", [("bert", "mlm"), ("bert", "seq_cls"), ("bert", "qa"), ("gpt2", "causal_lm"),
+                                         ("gpt2", "seq_cls")])
 def test_save_then_pytorch_and_flaxen_reload(checkpoints, batch, tmp_path, family, head):
     torch_model, path = checkpoints[family, head]
     model = models.load_pretrained(path, head=head)
@@ -325,7 +387,7 @@ def test_minilm_path_without_package(monkeypatch):
         models.minilm_path()
 
 
-@pytest.mark.parametrize("family,head", [("bert", "seq_cls"), ("gpt2", "causal_lm")])
+@pytest.mark.parametrize("family,head", [("bert", "seq_cls"), ("bert", "qa"), ("gpt2", "causal_lm")])
 def test_bias_free_model_exports_zero_biases_that_pytorch_reproduces(batch, tmp_path, family, head):
     """model.use_bias=False (nanoGPT's bias=False) has no bias parameters in the Transformer stack;
     its Hugging Face export writes zeros there and transformers gives the same outputs."""

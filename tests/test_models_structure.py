@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 
 from models import Model, ModelConfig
 from models.attention import causal_mask, dot_product_attention, padding_mask
+from models.heads import available
 from models.hf import config_to_hf
 from models.layers import dropout
-from models.model import SUPPORTED_HEADS
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "model")
 PUBLISHED = {"bert_base": 109_482_240, "gpt2_small": 124_439_808}
@@ -55,7 +55,7 @@ TINY = {
 }
 
 
-@pytest.mark.parametrize("family,head", [(f, h) for f in TINY for h in SUPPORTED_HEADS[f]])
+@pytest.mark.parametrize("family,head", [(f, h) for f in TINY for h in available(f)])
 def test_every_param_has_logical_axis_names_of_its_rank(family, head):
     params = [(p, v) for p, v in nnx.iter_graph(_abstract(TINY[family], head, 3)) if isinstance(v, nnx.Param)]
     assert params

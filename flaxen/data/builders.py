@@ -1,13 +1,19 @@
 """tfds builders for local files, prepared once as array_record and read with `as_data_source`.
 
-Why: a prepared tfds dataset is versioned, random-access and needs no TensorFlow. Three builders
-cover local files (CoNLL-style tagging, delimited classification, plain-text corpora); catalog
-names (`glue/sst2`, `conll2003`, ...) go through tfds's own builders. Records, as loaders see them:
+Why: a prepared tfds dataset is versioned, random-access and needs no TensorFlow. Four builders
+cover local files (CoNLL-style tagging, delimited classification, plain-text corpora, SQuAD JSON); catalog
+names (`glue/sst2`, `conll2003`, `squad/v1.1`, ...) go through tfds's own builders. Records, as loaders see them:
 
   tagging:        {"tokens": [str] * words, "tags": [int] * words}   (tag names in the dataset's
                   metadata.json: a per-word ClassLabel sequence would cost tfds ~7x the write time)
   classification: {"text": str, "text_pair": str, "label": int (float32 if regression)}
   text:           {"text": str}   (a chunk of whole lines; chunks concatenate to the split's text)
+  qa:             {"id": str, "title": str, "context": str, "question": str, "answer_texts": [str],
+                  "answer_starts": [int]}   (one per SQuAD v1.1 question; answers in file order)
+
+Any local dataset can hold out whole groups of records (`data.holdout_*`, e.g. SQuAD articles by
+title) as a new split: `hold_out` runs on the parsed records before the build, and its settings are
+part of the key below, so each choice is its own prepared dataset.
 
 Layout: `<prepared>/<builder>/<name>_<key>/<FORMAT_VERSION>/` where `<prepared>` is `data.prepared_dir`, else
 `<data_dir>/tfds` (a per-user cache when data_dir is read-only) and `<key>` hashes the raw files'
@@ -91,8 +97,13 @@ class FlaxenText(_LocalBuilder, skip_registration=True):
     """A plain-text corpus as chunks of whole lines."""
 
 
-BUILDERS = {"conll": FlaxenConll, "delimited": FlaxenDelimited, "text": FlaxenText}
-SCHEMAS = {"conll": "tagging", "delimited": "classification", "text": "text"}
+class FlaxenSquad(_LocalBuilder, skip_registration=True):
+    """Extractive question answering: SQuAD v1.1 questions with their context and gold answers."""
+
+
+BUILDERS = {"conll": FlaxenConll, "delimited": FlaxenDelimited, "text": FlaxenText, "squad": FlaxenSquad}
+SCHEMAS = {"conll": "tagging", "delimited": "classification", "text": "text", "squad": "qa"}
+QA_FIELDS = ("id", "title", "context", "question", "answer_texts", "answer_starts")
 
 
 # ---------------------------------------------------------------- where prepared data lives
@@ -188,6 +199,8 @@ def _field_reader(feature, key: str) -> Callable[[Any], Any]:
         return lambda f: int(f.int64_list.value[0])
     elif isinstance(feature, tfds.features.Tensor) and feature.shape == ():
         kind = np.dtype(feature.np_dtype).kind
+        if kind == "O":
+            return lambda f: f.bytes_list.value[0].decode("utf-8")
         if kind in "iu":
             return lambda f: int(f.int64_list.value[0])
         if kind == "f":
@@ -196,16 +209,55 @@ def _field_reader(feature, key: str) -> Callable[[Any], Any]:
                       "that flaxen can read")
 
 
+def _sequence_member_reader(feature, key: str) -> Callable[[Any], Any]:
+    """A reader for a scalar text/int feature inside a tfds Sequence of dicts (stored as one list)."""
+    if isinstance(feature, tfds.features.Text) or (
+            isinstance(feature, tfds.features.Tensor) and feature.shape == () and np.dtype(feature.np_dtype).kind == "O"):
+        return lambda f: [b.decode("utf-8") for b in f.bytes_list.value]
+    if isinstance(feature, (tfds.features.ClassLabel, tfds.features.Tensor)) and feature.shape == () and \
+            np.dtype(feature.np_dtype).kind in "iu":
+        return lambda f: list(f.int64_list.value)
+    raise ConfigError(f"feature {key!r} ({type(feature).__name__}) is not a text or integer feature that flaxen can read")
+
+
+def _find_feature(features, name: str):
+    """The tfds feature called `name` ("answers/text": member `text` of the Sequence `answers`, which
+    the stored proto keeps under that path) and a reader for its value, or None when there is none."""
+    head, _, member = name.partition("/")
+    if head not in features:
+        return None
+    feature = features[head]
+    if not member:
+        return feature, _field_reader(feature, name)
+    if isinstance(feature, tfds.features.Sequence) and isinstance(feature.feature, tfds.features.FeaturesDict) \
+            and member in feature.feature.keys() and "/" not in member:
+        inner = feature.feature[member]
+        return inner, _sequence_member_reader(inner, name)
+    return None
+
+
+def _feature_names(features) -> list[str]:
+    names = []
+    for key in sorted(features.keys()):
+        feature = features[key]
+        names.append(key)
+        if isinstance(feature, tfds.features.Sequence) and isinstance(feature.feature, tfds.features.FeaturesDict):
+            names.extend(f"{key}/{member}" for member in sorted(feature.feature.keys()))
+    return names
+
+
 def read_split(builder, split: str, fields: dict[str, str]) -> list[dict]:
     """All records of `split` of a prepared tfds dataset, {our_name: value} for `fields` (our name ->
-    tfds feature name), decoded straight from the stored protos."""
+    tfds feature name, or `sequence/member` for a member of a Sequence of dicts, read as a list),
+    decoded straight from the stored protos."""
     features = builder.info.features
     readers = {}
     for ours, theirs in fields.items():
-        if theirs not in features:
+        found = _find_feature(features, theirs)
+        if found is None:
             raise ConfigError(f"tfds dataset {builder.name!r} has no feature {theirs!r} (data.tfds_features.{ours}); "
-                              f"it has {sorted(features.keys())}")
-        readers[ours] = (theirs, _field_reader(features[theirs], theirs))
+                              f"it has {_feature_names(features)}")
+        readers[ours] = (theirs, found[1])
     source = builder.as_data_source(split, deserialize_method=tfds_decode.DeserializeMethod.RAW_BYTES)
     blobs = source.__getitems__(list(range(len(source)))) if len(source) else []
     records = []
@@ -261,12 +313,15 @@ class PreparedDataset:
 
     def texts(self, split: str) -> list[str]:
         """The split's text: chunks that concatenate to the corpus (text data), else one string per
-        sentence (tagging: words joined by spaces) or per text field (classification)."""
+        sentence (tagging: words joined by spaces) or per text field (classification); qa: each
+        distinct context, then every question."""
         records = self.records(split)
         if self.schema == "text":
             return [r["text"] for r in records]
         if self.schema == "tagging":
             return [" ".join(r["tokens"]) for r in records]
+        if self.schema == "qa":
+            return list(dict.fromkeys(r["context"] for r in records)) + [r["question"] for r in records]
         return [t for r in records for t in (r["text"], r["text_pair"]) if t]
 
     def _convert_tags(self, split: str, records: list[dict]) -> None:
@@ -304,16 +359,64 @@ def _split_files(cfg: DataConfig, data_dir: str) -> dict[str, str]:
 
 
 def _options(cfg: DataConfig, source: str) -> dict:
+    """The settings that shape the prepared records (part of the dataset's key)."""
     if source == "conll":
-        return {"token_column": cfg.token_column, "tag_column": cfg.tag_column, "separator": cfg.separator,
-                "tag_scheme": cfg.tag_scheme, "convert_tag_scheme": cfg.convert_tag_scheme,
-                "label_names": list(cfg.label_names) if cfg.label_names is not None else None}
-    if source == "delimited":
-        return {"format": cfg.format, "header": cfg.header, "text_columns": list(cfg.text_columns),
-                "label_column": cfg.label_column, "regression": cfg.regression,
-                "label_names": list(cfg.label_names) if cfg.label_names is not None else None}
-    return {"validation_fraction": cfg.validation_fraction if "validation" not in cfg.splits else None,
-            "chunk": TEXT_CHUNK_CHARS}
+        options = {"token_column": cfg.token_column, "tag_column": cfg.tag_column, "separator": cfg.separator,
+                   "tag_scheme": cfg.tag_scheme, "convert_tag_scheme": cfg.convert_tag_scheme,
+                   "label_names": list(cfg.label_names) if cfg.label_names is not None else None}
+    elif source == "delimited":
+        options = {"format": cfg.format, "header": cfg.header, "text_columns": list(cfg.text_columns),
+                   "label_column": cfg.label_column, "regression": cfg.regression,
+                   "label_names": list(cfg.label_names) if cfg.label_names is not None else None}
+    elif source == "squad":
+        options = {"schema": "qa"}
+    else:
+        options = {"validation_fraction": cfg.validation_fraction if "validation" not in cfg.splits else None,
+                   "chunk": TEXT_CHUNK_CHARS}
+    if cfg.holdout_groups > 0:
+        # only when on, so the keys of datasets prepared without a held-out split stay as they were
+        options["holdout"] = {"key": cfg.holdout_key, "groups": cfg.holdout_groups, "from": cfg.holdout_from,
+                              "to": cfg.holdout_to, "seed": cfg.holdout_seed}
+    return options
+
+
+def hold_out(split_records: dict[str, list[dict]], *, key: str, groups: int, source_split: str, target_split: str,
+             seed: int, origin: str = "the records") -> dict[str, list[dict]]:
+    """Moves every record of `groups` whole groups (records with one value of field `key`) from
+    `source_split` to a new split `target_split`, both keeping their stored order.
+
+    The groups are the first `groups` of the sorted distinct values permuted by a seeded hash
+    (value order by sha256 of "<seed>:<value>"): a pure function of the records and the settings,
+    the same on every machine and NumPy version. ConfigError when `key` is not a field of the
+    records (naming the fields), when `target_split` exists, or when `groups` leaves no group behind.
+    """
+    if target_split in split_records:
+        raise ConfigError(f"data.holdout_to={target_split!r}: {origin} already have a split {target_split!r}; "
+                          "name a new split")
+    if source_split not in split_records:
+        raise ConfigError(f"data.holdout_from={source_split!r}: {origin} have splits {sorted(split_records)}")
+    records = split_records[source_split]
+    fields = sorted(records[0]) if records else []
+    if key not in fields:
+        raise ConfigError(f"data.holdout_key={key!r} is not a field of {origin} (split {source_split!r}); "
+                          f"their fields are {', '.join(fields)}")
+    values = []
+    for number, record in enumerate(records):
+        value = record[key]
+        if not isinstance(value, (str, int, float, bool)):
+            raise ConfigError(f"data.holdout_key={key!r}: record {number} of split {source_split!r} holds a "
+                              f"{type(value).__name__}; a group key must be one text or number per record")
+        values.append(value)
+    distinct = sorted(set(values), key=lambda v: (type(v).__name__, v))
+    if groups >= len(distinct):
+        raise ConfigError(f"data.holdout_groups={groups}: split {source_split!r} of {origin} has only "
+                          f"{len(distinct)} distinct {key!r} values; at least one group must stay in {source_split!r}")
+    order = sorted(distinct, key=lambda v: hashlib.sha256(f"{seed}:{v!r}".encode()).hexdigest())
+    chosen = set(order[:groups])
+    out = {split: list(rows) for split, rows in split_records.items()}
+    out[source_split] = [r for r, v in zip(records, values) if v not in chosen]
+    out[target_split] = [r for r, v in zip(records, values) if v in chosen]
+    return out
 
 
 def _text_chunks(text: str) -> list[dict]:
@@ -409,6 +512,25 @@ def _parse_delimited(cfg: DataConfig, files: dict[str, str]):
     return parsed, tfds.features.FeaturesDict(spec), None
 
 
+def _parse_squad(cfg: DataConfig, files: dict[str, str]):
+    parsed = {split: raw.parse_squad(path) for split, path in files.items()}
+    seen = {}
+    for split, records in parsed.items():
+        for record in records:
+            if record["id"] in seen and seen[record["id"]] != split:
+                raise DataError(f"question id {record['id']!r} is in both {files[seen[record['id']]]} and "
+                                f"{files[split]}; ids must be unique across splits")
+            seen[record["id"]] = split
+            record["answer_texts"] = np.asarray(record["answer_texts"], object)
+            record["answer_starts"] = np.asarray(record["answer_starts"], np.int64)
+    features = tfds.features.FeaturesDict({
+        "id": tfds.features.Text(), "title": tfds.features.Text(), "context": tfds.features.Text(),
+        "question": tfds.features.Text(),
+        "answer_texts": tfds.features.Tensor(shape=(None,), dtype=np.object_),
+        "answer_starts": tfds.features.Tensor(shape=(None,), dtype=np.int64)})
+    return parsed, features, None
+
+
 def _local_source(cfg: DataConfig, data_dir: str, root: str) -> tuple[str, DataConfig, dict[str, str]]:
     """(builder kind, effective config, split -> file) for local and generated data."""
     if cfg.source == "synthetic":
@@ -491,6 +613,7 @@ def prepare(cfg: DataConfig, data_dir: str) -> PreparedDataset:
     builder = tfds.builder_from_directory(version_dir)
     schema = SCHEMAS[kind]
     fields = {"tagging": {"tokens": "tokens", "tags": "tags"}, "text": {"text": "text"},
+              "qa": {k: k for k in QA_FIELDS},
               "classification": {k: k for k in builder.info.features.keys()}}[schema]
     if schema == "tagging":
         names = list(builder.info.metadata["label_names"])
@@ -508,9 +631,15 @@ def _build(builder_cls, kind: str, cfg: DataConfig, files: dict[str, str], root:
         split_records, features, metadata = _parse_conll(cfg, files)
     elif kind == "delimited":
         split_records, features, metadata = _parse_delimited(cfg, files)
+    elif kind == "squad":
+        split_records, features, metadata = _parse_squad(cfg, files)
     else:
         split_records, metadata = _parse_text(cfg, files), None
         features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+    if cfg.holdout_groups > 0:
+        split_records = hold_out(split_records, key=cfg.holdout_key, groups=cfg.holdout_groups,
+                                 source_split=cfg.holdout_from, target_split=cfg.holdout_to, seed=cfg.holdout_seed,
+                                 origin=f"the records of {files.get(cfg.holdout_from, cfg.name)}")
     description = f"flaxen {kind} dataset {cfg.name!r}: " + json.dumps(key_material, sort_keys=True)
     with _absl_quiet():
         builder = builder_cls(features=features, split_records=split_records, description=description,
@@ -575,20 +704,21 @@ def _prepare_catalog(cfg: DataConfig, root: str) -> PreparedDataset:
                 raise DataError(
                     f"could not download and prepare tfds catalog dataset {cfg.tfds_name!r} into {root} "
                     f"({cause}). Offline, use the "
-                    "local files instead: a data preset with data.source=conll|delimited|text (e.g. data=sst2, "
-                    "data=conll2003, data=shakespeare_char) and data_dir (or FLAXEN_DATA_DIR) pointing at the folder "
+                    "local files instead: a data preset with data.source=conll|delimited|text|squad (e.g. data=sst2, "
+                    "data=conll2003, data=shakespeare_char, data=squad) and data_dir (or FLAXEN_DATA_DIR) pointing at the folder "
                     "that holds them, e.g. <data_dir>/sst2/train.tsv.") from error
     fields = dict(cfg.tfds_features)
-    schema = "tagging" if "tokens" in fields else ("classification" if "label" in fields else "text")
+    schema = ("qa" if "question" in fields else "tagging" if "tokens" in fields
+              else "classification" if "label" in fields else "text")
     split_names = dict(cfg.tfds_splits) or {s: s for s in builder.info.splits.keys()}
     for ours, theirs in split_names.items():
         if theirs not in builder.info.splits:
             raise ConfigError(f"data.tfds_splits.{ours}={theirs!r}: {cfg.tfds_name} has splits {sorted(builder.info.splits)}")
     label_key = fields.get("tags") or fields.get("label")
     for key in fields.values():
-        if key not in builder.info.features:
+        if _find_feature(builder.info.features, key) is None:
             raise ConfigError(f"tfds dataset {cfg.tfds_name!r} has no feature {key!r} (data.tfds_features); it has "
-                              f"{sorted(builder.info.features.keys())}")
+                              f"{_feature_names(builder.info.features)}")
     names = _label_names(builder, label_key)
     regression = schema == "classification" and names is None
     conversion = None

@@ -15,12 +15,13 @@ from typing import Dict, List, Optional
 
 from flaxen.errors import ConfigError
 
-SOURCES = ("conll", "delimited", "text", "tfds", "synthetic", "mixture")
+SOURCES = ("conll", "delimited", "text", "squad", "tfds", "synthetic", "mixture")
+# record fields of the qa schema (source=squad; a catalog dataset maps them with data.tfds_features)
+QA_FIELDS = ("id", "title", "context", "question", "answer_texts", "answer_starts")
 FORMATS = ("tsv", "csv", "jsonl")
 TAG_SCHEMES = ("IOB1", "IOB2")
 TOKENIZER_KINDS = ("pretrained", "char", "word", "wordpiece", "bpe")
 SYNTHETIC_KINDS = ("corpus", "classification")
-TASKS = ("seq_cls", "token_cls", "mlm", "clm")
 
 
 @dataclass
@@ -59,7 +60,8 @@ class DataConfig:
     splits: Dict[str, str] = field(default_factory=dict)
     # source=tfds: catalog name (e.g. glue/sst2), our split -> catalog split (default: the catalog's
     # splits), and our record field -> catalog feature: {text: sentence, label: label} (classification),
-    # {tokens: tokens, tags: ner} (tagging) or {text: text} (corpus)
+    # {tokens: tokens, tags: ner} (tagging), {text: text} (corpus) or, for qa, each of QA_FIELDS
+    # (nested catalog features by path: {answer_texts: answers/text, ...}; see configs/data/squad.yaml)
     tfds_name: Optional[str] = None
     tfds_splits: Dict[str, str] = field(default_factory=dict)
     tfds_features: Dict[str, str] = field(default_factory=dict)
@@ -95,6 +97,19 @@ class DataConfig:
     # mlm / clm: tokens per row
     window_length: int = 64
     mlm_probability: float = 0.15
+    # qa (source=squad): a context longer than max_length is cut into overlapping windows that share
+    # doc_stride tokens (Hugging Face's `stride`; run_qa.py's --doc_stride)
+    doc_stride: int = 128
+    # held-out split by group (local sources): the records of `holdout_groups` whole groups (records
+    # sharing one value of the record field `holdout_key`, e.g. a SQuAD article's `title`) move from
+    # split `holdout_from` to a new split `holdout_to`. The groups are a seeded permutation of the
+    # sorted distinct values (`holdout_seed`), so the split is a pure function of the file and these
+    # settings; 0 groups: off
+    holdout_key: Optional[str] = None
+    holdout_groups: int = 0
+    holdout_from: str = "train"
+    holdout_to: str = "validation"
+    holdout_seed: int = 0
     # where prepared tfds data lives; None: <data_dir>/tfds (or a per-user cache when data_dir is read-only)
     prepared_dir: Optional[str] = None
     # grain prefetch threads per loader (0: read in the calling thread)
@@ -106,23 +121,23 @@ def _choice(key: str, value, choices) -> None:
         raise ConfigError(f"data.{key}={value!r}: expected one of {', '.join(map(str, choices))}")
 
 
-def check_config(cfg: DataConfig, task: str) -> None:
-    """Raises ConfigError for a config that cannot describe `task`'s data."""
+def check_config(cfg: DataConfig, task=None) -> None:
+    """Raises ConfigError for a config that cannot describe `task`'s data (`task`: a flaxen Task,
+    whose `data_kinds` name the prepared schemas it reads; None checks the data config alone)."""
     _choice("source", cfg.source, SOURCES)
-    if task not in TASKS:
-        raise ConfigError(f"task={task!r}: expected one of {', '.join(TASKS)}")
     _choice("tokenizer.kind", cfg.tokenizer.kind, TOKENIZER_KINDS)
     if cfg.source == "tfds":
         if not cfg.tfds_name:
             raise ConfigError("data.source=tfds needs data.tfds_name (a catalog name such as glue/sst2)")
         keys = set(cfg.tfds_features)
-        if keys not in ({"text"}, {"text", "label"}, {"text", "text_pair", "label"}, {"tokens", "tags"}):
+        if keys not in ({"text"}, {"text", "label"}, {"text", "text_pair", "label"}, {"tokens", "tags"}, set(QA_FIELDS)):
             raise ConfigError(f"data.tfds_features={dict(cfg.tfds_features)}: expected keys {{text}}, {{text, label}}, "
-                              "{text, text_pair, label} or {tokens, tags}, each mapped to a catalog feature name")
-    if cfg.source in ("conll", "delimited", "text") and not cfg.splits:
+                              "{text, text_pair, label}, {tokens, tags} or {" + ", ".join(QA_FIELDS) + "}, each "
+                              "mapped to a catalog feature name (nested ones as answers/text)")
+    if cfg.source in ("conll", "delimited", "text", "squad") and not cfg.splits:
         raise ConfigError(f"data.splits is empty: data.source={cfg.source} needs split -> file entries, "
                           "e.g. {train: sst2/train.tsv, validation: sst2/dev.tsv}")
-    if cfg.source in ("conll", "delimited", "text") and "train" not in cfg.splits:
+    if cfg.source in ("conll", "delimited", "text", "squad") and "train" not in cfg.splits:
         raise ConfigError(f"data.splits has no 'train' entry (has {sorted(cfg.splits)})")
     if cfg.source == "delimited":
         _choice("format", cfg.format, FORMATS)
@@ -131,9 +146,9 @@ def check_config(cfg: DataConfig, task: str) -> None:
     if cfg.source == "mixture":
         if not cfg.mixture:
             raise ConfigError("data.source=mixture needs data.mixture: a list of data presets, e.g. [sst2, conll2003]")
-        if task not in ("mlm", "clm"):
-            raise ConfigError(f"data.source=mixture is an unlabelled text corpus: task={task} needs labelled data "
-                              "(use task=mlm or task=clm)")
+        if task is not None and "text" not in task.data_kinds:
+            raise ConfigError(f"data.source=mixture is an unlabelled text corpus: task={task.name} needs labelled "
+                              f"data ({' or '.join(task.data_kinds)}); use a language-modelling task (mlm, clm)")
         if not 0.0 < cfg.validation_fraction < 1.0:
             raise ConfigError(f"data.validation_fraction={cfg.validation_fraction}: a mixture holds out a fraction "
                               "in (0, 1) of each component as validation")
@@ -170,6 +185,35 @@ def check_config(cfg: DataConfig, task: str) -> None:
         raise ConfigError(f"data.length_grouping={cfg.length_grouping}: expected 0 (off) or a number of batches")
     if cfg.loader_threads < 0:
         raise ConfigError(f"data.loader_threads={cfg.loader_threads}: expected 0 or more")
+    qa = cfg.source == "squad" or (task is not None and "qa" in getattr(task, "data_kinds", ()))
+    if cfg.doc_stride < 0 or (qa and cfg.doc_stride >= cfg.max_length):
+        raise ConfigError(f"data.doc_stride={cfg.doc_stride}: expected 0 or more tokens shared by consecutive "
+                          f"windows, fewer than data.max_length={cfg.max_length}")
+    _check_holdout(cfg)
+
+
+def _check_holdout(cfg: DataConfig) -> None:
+    """The held-out split settings (data.holdout_*); what needs the records (the key is a field,
+    enough groups) is checked when they are parsed (flaxen.data.builders.hold_out)."""
+    if cfg.holdout_groups < 0:
+        raise ConfigError(f"data.holdout_groups={cfg.holdout_groups}: expected 0 (off) or a number of groups")
+    if cfg.holdout_groups == 0:
+        return
+    if not cfg.holdout_key:
+        raise ConfigError(f"data.holdout_groups={cfg.holdout_groups} needs data.holdout_key: the record field "
+                          "whose values form the groups (e.g. title for SQuAD articles)")
+    if cfg.source in ("tfds", "mixture"):
+        raise ConfigError(f"data.holdout_groups={cfg.holdout_groups}: a held-out split is cut from local files; "
+                          f"data.source={cfg.source} cannot take one (set data.holdout_groups=0)")
+    if cfg.holdout_from == cfg.holdout_to:
+        raise ConfigError(f"data.holdout_from and data.holdout_to are both {cfg.holdout_from!r}: expected two splits")
+    if cfg.source != "synthetic":
+        if cfg.holdout_from not in cfg.splits:
+            raise ConfigError(f"data.holdout_from={cfg.holdout_from!r} is not a split of data.splits "
+                              f"({', '.join(sorted(cfg.splits))})")
+        if cfg.holdout_to in cfg.splits:
+            raise ConfigError(f"data.holdout_to={cfg.holdout_to!r} is already a file split "
+                              f"(data.splits.{cfg.holdout_to}={cfg.splits[cfg.holdout_to]}); name a new split")
 
 
 def default_data_dir() -> str:

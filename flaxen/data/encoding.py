@@ -10,7 +10,8 @@ Rows (unpadded, int32 arrays of one length T'):
   mlm        input_ids (masked), token_type_ids, labels [T'] (-100 but at masked positions)
   clm        input_ids, labels [T'] (the next token)
 `collate` pads rows to the smallest bucket length >= the longest row and to `batch_size` rows,
-adds attention_mask and `valid`, and returns the batch contract of flaxen's training loop.
+adds attention_mask and `valid`, and returns the batch contract of flaxen's training loop; each
+task (flaxen/tasks/) names the fields its rows carry.
 """
 from __future__ import annotations
 
@@ -157,9 +158,15 @@ class Padding:
 PADDING = Padding()
 
 
-def collate(rows: Sequence, batch_size: int, buckets: Sequence[int], pad_id: int, task: str) -> dict:
-    """Rows -> the batch contract: [batch_size, T] arrays, T the smallest bucket >= the longest row;
-    `valid` is 1 for real rows and 0 for padding rows (attention_mask 0, labels -100)."""
+def collate(rows: Sequence, batch_size: int, buckets: Sequence[int], pad_id: int, *,
+            token_fields: dict | None = None, row_fields: dict | None = None) -> dict:
+    """Rows -> the batch contract: [batch_size, T] arrays, T the smallest bucket >= the longest row.
+
+    Always `input_ids` (padded with `pad_id`), `attention_mask` and `valid` (1 for real rows, 0 for
+    padding rows). `token_fields` {name: (dtype, fill)} are per-position fields padded to
+    [batch_size, T]; `row_fields` {name: (dtype, fill)} are one value per row [batch_size]. Padding
+    rows (PADDING) hold only fill values. Each task says which fields its rows carry."""
+    token_fields, row_fields = dict(token_fields or {}), dict(row_fields or {})
     real = [row for row in rows if row is not PADDING]
     longest = max((len(row["input_ids"]) for row in real), default=1)
     length = next((b for b in buckets if b >= longest), None)
@@ -167,15 +174,10 @@ def collate(rows: Sequence, batch_size: int, buckets: Sequence[int], pad_id: int
         raise ValueError(f"a row of {longest} tokens exceeds the largest bucket length {buckets[-1]}")
     batch = {"input_ids": np.full((batch_size, length), pad_id, np.int32),
              "attention_mask": np.zeros((batch_size, length), np.int32)}
-    if task != "clm":
-        batch["token_type_ids"] = np.zeros((batch_size, length), np.int32)
-    regression = task == "seq_cls" and real and np.asarray(real[0]["labels"]).dtype.kind == "f"
-    if task == "seq_cls":
-        batch["labels"] = np.full(batch_size, IGNORE_INDEX, np.float32 if regression else np.int32)
-    else:
-        batch["labels"] = np.full((batch_size, length), IGNORE_INDEX, np.int32)
-    if task == "token_cls":
-        batch["word_count"] = np.zeros(batch_size, np.int32)
+    for name, (dtype, fill) in token_fields.items():
+        batch[name] = np.full((batch_size, length), fill, dtype)
+    for name, (dtype, fill) in row_fields.items():
+        batch[name] = np.full(batch_size, fill, dtype)
     batch["valid"] = np.zeros(batch_size, np.int32)
     for index, row in enumerate(rows):
         if row is PADDING:
@@ -183,13 +185,9 @@ def collate(rows: Sequence, batch_size: int, buckets: Sequence[int], pad_id: int
         n = len(row["input_ids"])
         batch["input_ids"][index, :n] = row["input_ids"]
         batch["attention_mask"][index, :n] = 1
-        if "token_type_ids" in batch:
-            batch["token_type_ids"][index, :n] = row["token_type_ids"]
-        if task == "seq_cls":
-            batch["labels"][index] = row["labels"]
-        else:
-            batch["labels"][index, :n] = row["labels"]
-        if task == "token_cls":
-            batch["word_count"][index] = row["word_count"]
+        for name in token_fields:
+            batch[name][index, :n] = row[name]
+        for name in row_fields:
+            batch[name][index] = row[name]
         batch["valid"][index] = 1
     return batch

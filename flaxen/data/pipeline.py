@@ -1,6 +1,6 @@
 """grain loaders over prepared tfds data: the public surface the training loop calls.
 
-    task_data = load_task_data(cfg, task, data_dir, tokenizer_path=None)
+    task_data = load_task_data(cfg, task, data_dir, tokenizer_path=None)   # task: a flaxen Task
     loader = task_data.loader(split, batch_size, seed=0, train=True, process_index=0, process_count=1)
     batch = next(loader)                      # dict of numpy arrays, see flaxen/data/encoding.py
     state = loader.get_state(); loader.set_state(state)
@@ -14,17 +14,15 @@ batch B see together what one process with batch P*B sees, and their shards are 
 Eval loaders make one ordered pass; every process yields the same number of batches, the last
 filled up with padding rows (`valid` = 0).
 
-With `data.length_grouping=G` (seq_cls / token_cls training), each run of G consecutive batches
+With `data.length_grouping=G` (tasks whose rows are records: seq_cls, token_cls, qa), each run of G consecutive batches
 is formed from its G x B shuffled rows sorted by length, in a seeded order: batches hold rows of
 similar length and mostly fall in the small buckets (HF Trainer's group_by_length, as a pure
 function of the batch index, so resume stays exact). Each process groups its own shard, so P
 processes see the same rows per window as one process, in other batches.
 
-Per task: seq_cls / token_cls rows are tokenized on the fly from the records; mlm rows are the
-split's sentences packed into `window_length` rows once, then masked afresh each epoch (eval:
-a fixed mask from the seed); clm rows are windows of the split's token stream (train: uniformly
-random starts as nanoGPT; eval: consecutive windows covering every next-token target once).
-Records are read from the tfds data source once per split and kept in memory (SST-2 train,
+Rows come from the task (flaxen/tasks/<name>.py: `rows`, `collate`, `num_examples`): e.g.
+classification and tagging rows are tokenized on the fly from the records, mlm rows are packed
+sentences masked afresh each epoch, clm rows are windows of the split's token stream. Records are read from the tfds data source once per split and kept in memory (SST-2 train,
 67k rows, takes about a second and 30 MB).
 """
 from __future__ import annotations
@@ -41,7 +39,7 @@ import numpy as np
 from flaxen.data import builders, encoding, synthetic
 from flaxen.data import tokenizers as tokenization
 from flaxen.data.config import DataConfig, check_config
-from flaxen.errors import CheckpointError, ConfigError, DataError
+from flaxen.errors import CheckpointError, ConfigError
 
 PREFETCH_BATCHES = 8
 ENDLESS = 1 << 62
@@ -59,7 +57,8 @@ def as_data_config(cfg: Any) -> DataConfig:
         raise ConfigError(f"data config: {error}") from None
 
 
-def _seed32(seed: int, salt: int) -> int:
+def seed32(seed: int, salt: int) -> int:
+    """A 32-bit grain seed from the run's seed and a per-use salt (each stream of randomness its own)."""
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(seed) >> 32, salt]).generate_state(1)[0])
 
 
@@ -133,27 +132,25 @@ class _LengthGrouped:
 
 
 class TaskData:
-    """A prepared dataset, its tokenizer and its loaders for one task."""
+    """A prepared dataset, its tokenizer and its loaders for one task.
 
-    def __init__(self, cfg: DataConfig, task: str, prepared: builders.PreparedDataset,
+    `task` is a flaxen Task (flaxen/tasks/): it says how records become rows, how many rows one
+    pass holds, which bucket lengths and which batch fields apply. This class knows the data
+    (splits, records, text, labels) and cuts batches; it never tests a task's name.
+    """
+
+    def __init__(self, cfg: DataConfig, task: Any, prepared: builders.PreparedDataset,
                  tokenizer: tokenization.Tokenizer):
         self.cfg = cfg
         self.task = task
         self.prepared = prepared
         self.tokenizer = tokenizer
         self._cache: dict = {}
-        expected = {"seq_cls": "classification", "token_cls": "tagging"}.get(task)
-        if expected and prepared.schema != expected:
-            raise ConfigError(f"task {task} needs {expected} data but data.source={cfg.source} ({cfg.name}) holds "
-                              f"{prepared.schema} records")
-        if task == "seq_cls" and "label" not in prepared.fields:
-            raise ConfigError(f"task seq_cls needs labels: set data.label_column ({cfg.name} has none)")
-        if task == "mlm" and tokenizer.mask_token_id is None:
-            raise ConfigError("task mlm needs a tokenizer with a mask token; this one has none")
-        self.label_names = list(prepared.label_names) if task in ("seq_cls", "token_cls") and prepared.label_names else None
-        self.tag_scheme = prepared.tag_scheme if task == "token_cls" else None
-        self.regression = task == "seq_cls" and prepared.regression
-        self._random_ids = np.asarray(sorted(set(range(tokenizer.vocab_size)) - set(tokenizer.special_ids)), np.int32)
+        self._cache_lock = threading.Lock()
+        task.check_data(self)
+        self.label_names = task.label_names(prepared)
+        self.tag_scheme = prepared.tag_scheme
+        self.regression = prepared.regression
 
     # ------------------------------------------------------------ facts about the data
 
@@ -163,9 +160,18 @@ class TaskData:
 
     @property
     def num_labels(self) -> Optional[int]:
-        if self.regression:
-            return 1
-        return len(self.label_names) if self.label_names is not None else None
+        if self.label_names is not None:
+            return len(self.label_names)
+        return 1 if self.regression else None
+
+    def cached(self, key, build):
+        """`build()` once per key for this TaskData (tasks keep packed rows, streams, features here)."""
+        with self._cache_lock:
+            if key in self._cache:
+                return self._cache[key]
+        value = build()
+        with self._cache_lock:
+            return self._cache.setdefault(key, value)
 
     def records(self, split: str) -> list[dict]:
         return self.prepared.records(split)
@@ -175,12 +181,8 @@ class TaskData:
         return self.prepared.num_records(split)
 
     def num_examples(self, split: str) -> int:
-        """Real rows of one ordered pass over `split` (records; packed rows for mlm; windows for clm)."""
-        if self.task == "mlm":
-            return len(self._packs(split))
-        if self.task == "clm":
-            return self._num_windows(split)
-        return self.num_records(split)
+        """Real rows of one ordered pass over `split` (the task's rows: records, packed rows, windows)."""
+        return self.task.num_examples(self, split)
 
     def texts(self, split: str) -> list[str]:
         """The split's text: chunks that concatenate to the corpus (text data), else one string per
@@ -193,85 +195,7 @@ class TaskData:
             return self.texts(split)
         return [line for chunk in self.texts(split) for line in chunk.split("\n") if line.strip()]
 
-    def token_stream(self, split: str) -> np.ndarray:
-        """clm: the split as one id sequence (text data verbatim; sentences followed by eos or sep)."""
-        key = ("stream", split)
-        if key not in self._cache:
-            tokenizer = self.tokenizer
-            pieces = tokenizer.encode_batch(self.texts(split))
-            separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-            if self.prepared.schema != "text" and separator is not None:
-                pieces = [p + [separator] for p in pieces]
-            stream = np.fromiter((i for p in pieces for i in p), np.int32)
-            if len(stream) < 2:
-                raise DataError(f"split {split!r} has {len(stream)} tokens; clm needs at least 2")
-            self._cache[key] = stream
-        return self._cache[key]
-
-    def unigram_entropy(self, split: str = "train") -> float:
-        """Nats per token of the split's token ids under their own frequencies (clm: the stream;
-        otherwise the sentences' ids): the loss of a model that ignores context."""
-        if self.task == "clm":
-            ids = self.token_stream(split)
-        else:
-            ids = np.fromiter((i for p in self.tokenizer.encode_batch(self.sentences(split)) for i in p), np.int64)
-        counts = np.bincount(ids)
-        p = counts[counts > 0] / len(ids)
-        return float(-(p * np.log(p)).sum())
-
-    def word_labels(self, split: str, process_index: int = 0, process_count: int = 1) -> list[list[str]]:
-        """token_cls: gold tags of every word of every sentence (untruncated), in eval-loader order."""
-        if self.task != "token_cls":
-            raise ConfigError(f"word_labels is for token_cls, not {self.task}")
-        names = self.label_names
-        return [[names[t] for t in r["tags"]] for r in self.records(split)[process_index::process_count]]
-
-    # ------------------------------------------------------------ rows
-
-    def _packs(self, split: str) -> list[list[int]]:
-        key = ("packs", split)
-        if key not in self._cache:
-            budget = self.cfg.window_length - self.tokenizer.single_template.num_special
-            if budget < 1:
-                raise ConfigError(f"data.window_length={self.cfg.window_length} leaves no room beside special tokens")
-            self._cache[key] = encoding.pack(self.tokenizer.encode_batch(self.sentences(split)), budget)
-            if not self._cache[key]:
-                raise DataError(f"split {split!r} has no tokens to pack into mlm rows")
-        return self._cache[key]
-
-    def _num_windows(self, split: str) -> int:
-        return math.ceil((len(self.token_stream(split)) - 1) / self.cfg.window_length)
-
-    def _source(self, split: str, train: bool, seed: int) -> grain.MapDataset:
-        """Unbatched rows in global order (train: endless)."""
-        cfg, tokenizer, task = self.cfg, self.tokenizer, self.task
-        if task == "clm":
-            stream, length = self.token_stream(split), cfg.window_length
-            if train:
-                high = len(stream) - length
-                if high < 1:
-                    raise DataError(f"split {split!r} has {len(stream)} tokens, fewer than data.window_length+1="
-                                    f"{length + 1}")
-                return grain.MapDataset.range(ENDLESS).random_map(
-                    lambda _, rng: encoding.clm_row(stream, int(rng.integers(0, high)), length),
-                    seed=_seed32(seed, 1))
-            return grain.MapDataset.range(self._num_windows(split)).map(
-                lambda index: encoding.clm_row(stream, index * length, length))
-        if task == "mlm":
-            rows = grain.MapDataset.source(self._packs(split))
-            if train:
-                rows = rows.shuffle(seed=_seed32(seed, 2)).repeat(None)
-            probability, random_ids = cfg.mlm_probability, self._random_ids
-            return rows.random_map(lambda content, rng: encoding.mlm_row(tokenizer, content, rng, probability, random_ids),
-                                   seed=_seed32(seed, 3 if train else 4))
-        rows = grain.MapDataset.source(self.records(split))
-        if train:
-            rows = rows.shuffle(seed=_seed32(seed, 5)).repeat(None)
-        max_length = cfg.max_length
-        if task == "seq_cls":
-            regression = self.regression
-            return rows.map(lambda record: encoding.classification_row(tokenizer, record, max_length, regression))
-        return rows.map(lambda record: encoding.tagging_row(tokenizer, record, max_length))
+    # ------------------------------------------------------------ batches
 
     def loader(self, split: str, batch_size: int, *, seed: int, train: bool, process_index: int = 0,
                process_count: int = 1) -> Loader:
@@ -280,16 +204,17 @@ class TaskData:
             raise ConfigError(f"batch_size={batch_size}: expected a positive integer")
         if not 0 <= process_index < process_count:
             raise ConfigError(f"process_index={process_index} is outside 0..process_count-1 ({process_count})")
-        rows = self._source(split, train, seed)[process_index::process_count]
-        buckets = [self.cfg.window_length] if self.task in ("mlm", "clm") else list(self.cfg.bucket_lengths)
-        pad_id, task = self.tokenizer.pad_token_id, self.task
+        task = self.task
+        rows = task.rows(self, split, train, seed)[process_index::process_count]
+        buckets = task.buckets(self.cfg)
+        pad_id = self.tokenizer.pad_token_id
 
         def batch_fn(batch_rows):
-            return encoding.collate(batch_rows, batch_size, buckets, pad_id, task)
+            return task.collate(batch_rows, batch_size, buckets, pad_id)
 
-        group = self.cfg.length_grouping if task in ("seq_cls", "token_cls") else 0
+        group = task.length_grouping(self.cfg)
         if train and group > 1:
-            grouped = _LengthGrouped(rows, batch_size, group, _seed32(seed, 6), batch_fn)
+            grouped = _LengthGrouped(rows, batch_size, group, seed32(seed, 6), batch_fn)
             batches, num_batches = grain.MapDataset.range(ENDLESS).map(grouped), None
         elif train:
             batches, num_batches = rows.batch(batch_size, drop_remainder=True, batch_fn=batch_fn), None
@@ -301,7 +226,7 @@ class TaskData:
             padded = grain.MapDataset.range(num_batches * batch_size).map(
                 lambda index: shard[index] if index < len(shard) else encoding.PADDING)
             batches = padded.batch(batch_size, drop_remainder=False, batch_fn=batch_fn)
-        meta = {"data": os.path.basename(os.path.dirname(self.prepared.path)), "split": split, "task": self.task,
+        meta = {"data": os.path.basename(os.path.dirname(self.prepared.path)), "split": split, "task": task.name,
                 "batch_size": int(batch_size), "seed": int(seed), "train": bool(train),
                 "process_index": int(process_index), "process_count": int(process_count),
                 "vocab_size": int(self.tokenizer.vocab_size)}
@@ -317,7 +242,7 @@ def record_texts(prepared: builders.PreparedDataset, split: str) -> list[str]:
     return prepared.texts(split)
 
 
-def _tokenizer(cfg: DataConfig, task: str, prepared: builders.PreparedDataset, data_dir: str,
+def _tokenizer(cfg: DataConfig, task: Any, prepared: builders.PreparedDataset, data_dir: str,
                tokenizer_path: Optional[str]) -> tokenization.Tokenizer:
     spec = cfg.tokenizer
     if tokenizer_path is not None:
@@ -331,7 +256,7 @@ def _tokenizer(cfg: DataConfig, task: str, prepared: builders.PreparedDataset, d
         return [t for split in prepared.splits for t in record_texts(prepared, split)]
 
     if spec.kind == "char":
-        return tokenization.char_tokenizer(all_texts(), with_specials=task != "clm")
+        return tokenization.char_tokenizer(all_texts(), with_specials=task.special_tokens)
     if spec.kind == "word":
         if cfg.source == "synthetic":
             return tokenization.word_tokenizer([" ".join(synthetic.vocabulary())])
@@ -343,10 +268,11 @@ def _tokenizer(cfg: DataConfig, task: str, prepared: builders.PreparedDataset, d
                                                  spec.vocab_size, spec.min_frequency, spec.lowercase)
 
 
-def load_task_data(cfg: Any, task: str, data_dir: Optional[str] = None,
+def load_task_data(cfg: Any, task: Any, data_dir: Optional[str] = None,
                    tokenizer_path: Optional[str] = None) -> TaskData:
-    """Prepares (or reuses) the data of `cfg` for `task` under `<data_dir>/tfds/` and returns its
-    TaskData. `tokenizer_path` (a Hugging Face model directory) overrides data.tokenizer."""
+    """Prepares (or reuses) the data of `cfg` for `task` (a flaxen Task, e.g. flaxen.tasks.get('seq_cls'))
+    under `<data_dir>/tfds/` and returns its TaskData. `tokenizer_path` (a Hugging Face model directory)
+    overrides data.tokenizer."""
     cfg = as_data_config(cfg)
     check_config(cfg, task)
     if data_dir is None:

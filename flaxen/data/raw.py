@@ -1,4 +1,4 @@
-"""Parsing raw local files (CoNLL columns, TSV/CSV/JSONL rows, plain text) into records.
+"""Parsing raw local files (CoNLL columns, TSV/CSV/JSONL rows, plain text, SQuAD JSON) into records.
 
 Why: every mistake in a raw file must stop the run with the file and line that caused it (never a
 silent skip), before anything is written to the prepared-data directory. The parsers here hold the
@@ -7,6 +7,8 @@ whole split in memory (the largest, SST-2's train.tsv, is 4 MB) and return plain
   tagging:        {"tokens": [str, ...], "tags": [str, ...]}     one per sentence
   classification: {"text": str, "text_pair": str, "label": str}  one per row (text_pair "" if none)
   text:           one str, the whole file
+  qa:             {"id": str, "title": str, "context": str, "question": str, "answer_texts": [str, ...],
+                   "answer_starts": [int, ...]}  one per question of a SQuAD v1.1 JSON file
 
 Labels stay strings here; the builder turns them into ids once the label set is known.
 """
@@ -192,6 +194,83 @@ def parse_delimited(path: str, *, format: str, header: bool, text_columns: list[
             record["label"] = label
         out.append(record)
     return out
+
+
+def _squad_field(path: str, where: str, node: dict, key: str, kind: type, what: str):
+    """node[key], which must be a `kind`; DataError naming the file, the place and the key otherwise."""
+    if not isinstance(node, dict):
+        raise DataError(f"{path}: {where}: expected a JSON object, found {type(node).__name__}")
+    if key not in node:
+        raise DataError(f"{path}: {where}: no key {key!r} ({what}); keys are {sorted(node)}")
+    value = node[key]
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise DataError(f"{path}: {where}: {key!r} should be a {kind.__name__} ({what}), found "
+                        f"{type(value).__name__} {value!r:.60}")
+    return value
+
+
+def parse_squad(path: str) -> list[dict]:
+    """Questions of a SQuAD v1.1 JSON file, in file order (article, paragraph, question).
+
+    The format: {"version": ..., "data": [{"title", "paragraphs": [{"context", "qas": [{"id",
+    "question", "answers": [{"text", "answer_start"}, ...]}]}]}]}. Every answer must sit at its
+    `answer_start` (context[start:start + len(text)] == text) and ids must be unique (predictions
+    are keyed by id). SQuAD v2.0 unanswerable questions (`is_impossible: true`) are refused: this
+    reader, the QA task and its metric are v1.1 only.
+    """
+    text = read_text(path, "SQuAD JSON file")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}; SQuAD files are one "
+                        "JSON object)") from None
+    articles = _squad_field(path, "top level", document, "data", list, "the list of articles")
+    records, seen = [], {}
+    for a, article in enumerate(articles):
+        where = f"article {a}"
+        title = _squad_field(path, where, article, "title", str, "the article title")
+        where = f"article {a} ({title!r})"
+        paragraphs = _squad_field(path, where, article, "paragraphs", list, "the article's paragraphs")
+        for p, paragraph in enumerate(paragraphs):
+            where = f"article {a} ({title!r}) paragraph {p}"
+            context = _squad_field(path, where, paragraph, "context", str, "the paragraph text")
+            questions = _squad_field(path, where, paragraph, "qas", list, "the paragraph's questions")
+            for q, qa in enumerate(questions):
+                where = f"article {a} ({title!r}) paragraph {p} question {q}"
+                qid = _squad_field(path, where, qa, "id", str, "the question id")
+                where = f"article {a} ({title!r}) question id {qid!r}"
+                if qa.get("is_impossible") is True:
+                    raise DataError(f"{path}: {where} is a SQuAD v2.0 unanswerable question (is_impossible: true); "
+                                    "only SQuAD v1.1 is supported (every question has an answer in its context)")
+                if qid in seen:
+                    raise DataError(f"{path}: question id {qid!r} appears twice ({seen[qid]} and {where}); "
+                                    "ids must be unique")
+                seen[qid] = where
+                question = _squad_field(path, where, qa, "question", str, "the question text")
+                answers = _squad_field(path, where, qa, "answers", list, "the gold answers")
+                if not answers:
+                    raise DataError(f"{path}: {where} has no answers; SQuAD v1.1 questions need at least one")
+                texts, starts = [], []
+                for n, answer in enumerate(answers):
+                    place = f"{where} answer {n}"
+                    answer_text = _squad_field(path, place, answer, "text", str, "the answer text")
+                    start = _squad_field(path, place, answer, "answer_start", int, "its character offset in the context")
+                    found = context[start:start + len(answer_text)] if 0 <= start <= len(context) else ""
+                    if found != answer_text:
+                        raise DataError(f"{path}: {place}: answer_start={start} does not point at the answer: "
+                                        f"expected {answer_text!r} at characters {start}..{start + len(answer_text)} "
+                                        f"of the context, found {found!r}")
+                    texts.append(answer_text)
+                    starts.append(start)
+                records.append({"id": qid, "title": title, "context": context, "question": question,
+                                "answer_texts": texts, "answer_starts": starts})
+    if not records:
+        raise DataError(f"{path}: no questions found (an empty split)")
+    return records
 
 
 def sorted_labels(values: Collection[str]) -> list[str]:

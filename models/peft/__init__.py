@@ -24,7 +24,7 @@ from typing import Any
 
 from flax import nnx
 
-from flaxen.errors import ConfigError
+from models.errors import ConfigError
 from models.layers import LayerNorm
 from models.peft import targets
 from models.peft.adapter import AdapterDense, apply_adapters

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxen.errors import CheckpointError
+from models.errors import CheckpointError
 from models.peft import config as peft_config
 
 FORMAT = "flaxen-peft"

@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Union
 
-from flaxen.errors import ConfigError
+from models.errors import ConfigError
 
 METHODS = ("none", "lora", "adapter", "prefix", "bitfit")
 ACTIVATIONS = ("gelu", "relu", "tanh", "swish")

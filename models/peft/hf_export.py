@@ -23,14 +23,14 @@ import re
 
 import numpy as np
 
-from flaxen.errors import ConfigError
 from models import hf
+from models.errors import ConfigError
+from models.heads import HEADS
 from models.peft.checkpoint import trainable_variables, write_directory
 from models.peft.config import LoRAConfig
 from models.peft.lora import lora_layers
 from models.peft.variables import PeftParam
 
-TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "causal_lm": "CAUSAL_LM", None: None}
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -99,7 +99,8 @@ def export_hf_peft(model, path: str | os.PathLike, *, base_model_name_or_path: s
     """Writes a LoRA model's adapter in Hugging Face PEFT format to directory `path`; returns it.
 
     The base model for PyTorch is the flaxen model without LoRA in Hugging Face layout (e.g. the
-    directory it was loaded from). Heads: none, seq_cls, token_cls, causal_lm.
+    directory it was loaded from). Heads: none (task_type null) and those with a
+    models.heads.HeadSpec.peft_task_type (seq_cls, token_cls, causal_lm).
     """
     from safetensors.numpy import save_file
 
@@ -107,9 +108,10 @@ def export_hf_peft(model, path: str | os.PathLike, *, base_model_name_or_path: s
     if not isinstance(config, LoRAConfig):
         name = getattr(config, "name", "none")
         raise ConfigError(f"export_hf_peft: peft.name={name!r}; only LoRA models export to Hugging Face PEFT format")
-    if model.head_name not in TASK_TYPES:
+    exportable = [name for name, spec in HEADS.items() if name is None or spec.peft_task_type is not None]
+    if model.head_name not in exportable:
         raise ConfigError(f"export_hf_peft: head={model.head_name!r} is not supported; expected one of "
-                          f"{', '.join(repr(h) for h in TASK_TYPES)}")
+                          f"{', '.join(repr(h) for h in exportable)}")
     layout = hf.weight_layout(model.config, model.head_name)
     entry_of = {p: entry for entry in layout for p in entry.params}
     tensors, target_modules, rank_pattern = _lora_tensors(model, config, entry_of)
@@ -117,7 +119,7 @@ def export_hf_peft(model, path: str | os.PathLike, *, base_model_name_or_path: s
     tensors.update(head_tensors)
     adapter_config = {
         "peft_type": "LORA",
-        "task_type": TASK_TYPES[model.head_name],
+        "task_type": HEADS[model.head_name].peft_task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": config.rank,
         "lora_alpha": config.alpha,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from flaxen.errors import ConfigError
+from models.errors import ConfigError
 from models.model import Model
 from models.peft.config import AdapterConfig, PrefixConfig
 from models.peft.lora import lora_layers

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 from flax import nnx
 
-from flaxen.errors import ConfigError
+from models.errors import ConfigError
 
 
 def dotted(path: Iterable) -> str:

@@ -1,0 +1,8 @@
+"""flaxen's tasks: one definition per task, registered by name (see flaxen/tasks/base.py).
+
+    task = flaxen.tasks.get(cfg.task.name)      # a Task; the steps, loop, evaluation and data call it
+"""
+from flaxen.tasks.base import IGNORE_INDEX, Task, get, names, register
+from flaxen.tasks import clm, mlm, seq_cls, token_cls  # noqa: F401  (registers them)
+
+__all__ = ["IGNORE_INDEX", "Task", "get", "names", "register"]
