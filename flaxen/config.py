@@ -166,6 +166,15 @@ def register() -> None:
 
 register()
 
+def data_preset(name: str) -> DataConfig:
+    """The data preset configs/data/<name>.yaml as a DataConfig (how a mixture finds its components)."""
+    path = os.path.join(CONFIG_DIR, "data", f"{name}.yaml")
+    if not os.path.isfile(path):
+        presets = sorted(f[:-5] for f in os.listdir(os.path.dirname(path)) if f.endswith(".yaml"))
+        raise ConfigError(f"data.mixture: {name!r} is not a data preset (configs/data/ has {', '.join(presets)})")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path)))
+
+
 def best_metric(cfg) -> tuple[str, str]:
     """(metric name, 'max' | 'min') used for the best checkpoint and early stopping: the task's
     default unless `best_metric` / `best_mode` are set."""

@@ -53,7 +53,7 @@ def _load_task_data(cfg, run_dir=None):
     from flaxen.data import load_task_data
 
     return load_task_data(cfg.data, tasks.get(cfg.task.name), os.path.abspath(os.path.expanduser(cfg.data_dir)),
-                          tokenizer_path=modeling.tokenizer_path(cfg, run_dir))
+                          tokenizer_path=modeling.tokenizer_path(cfg, run_dir), presets=config_lib.data_preset)
 
 
 def evaluate_from_config(cfg: Any, overrides: list[str]) -> dict:

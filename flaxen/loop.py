@@ -96,7 +96,8 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
     if task_data is None:
         from flaxen.data import load_task_data
 
-        task_data = load_task_data(cfg.data, task, run.data_dir, tokenizer_path=modeling.tokenizer_path(cfg))
+        task_data = load_task_data(cfg.data, task, run.data_dir, tokenizer_path=modeling.tokenizer_path(cfg),
+                                   presets=config_lib.data_preset)
     run.write_tokenizer(task_data)
     train_loader = task_data.loader("train", cfg.batch_size // jax.process_count(), seed=cfg.seed, train=True,
                                     process_index=jax.process_index(), process_count=jax.process_count())

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from models.errors import ConfigError
+from models.heads import HEADS
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
@@ -102,7 +103,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, temp
     do_sample=True samples with `rng` after temperature, top-k and top-p filtering.
     """
     config = getattr(model, "config", None)
-    if config is None or config.family != "gpt2" or getattr(model, "head_name", None) != "causal_lm":
+    head = HEADS.get(getattr(model, "head_name", None))
+    if config is None or config.family != "gpt2" or head is None or not head.generates:
         raise ConfigError("generate: model must be a gpt2-family Model with head='causal_lm'")
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2 or not np.issubdtype(input_ids.dtype, np.integer):

@@ -116,6 +116,7 @@ class HeadSpec:
     needs_pooler: BERT's pooler is built (and read and written as Hugging Face's `bert.pooler`).
     takes_labels: num_labels sets the output size and id2label names the labels.
     ties_embedding: the output layer is the token embedding (Hugging Face tie_word_embeddings).
+    generates: next-token logits of a decoder, which models.generate continues from.
     hf_architectures: family -> the transformers class `save_pretrained` names in config.json.
     hf_weights: family -> the head's own tensors in Hugging Face layout (none if absent).
     peft_task_type: Hugging Face PEFT's task_type for `export_hf_peft`; None: no export (the bare
@@ -130,6 +131,7 @@ class HeadSpec:
     needs_pooler: bool = False
     takes_labels: bool = False
     ties_embedding: bool = False
+    generates: bool = False
     peft_task_type: Optional[str] = None
 
 
@@ -188,6 +190,7 @@ HEADS: dict[Optional[str], HeadSpec] = {
         apply=_causal_lm,
         hf_architectures={"gpt2": "GPT2LMHeadModel"},
         ties_embedding=True,
+        generates=True,
         peft_task_type="CAUSAL_LM",
     ),
     "seq_cls": HeadSpec(
@@ -218,6 +221,7 @@ HEADS: dict[Optional[str], HeadSpec] = {
         apply=_qa,
         hf_architectures={"bert": "BertForQuestionAnswering"},
         hf_weights={"bert": (HFWeight("dense", "qa_outputs", ("dense",)),)},
+        peft_task_type="QUESTION_ANS",
     ),
 }
 

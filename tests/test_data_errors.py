@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from flaxen import tasks
+from flaxen import config, tasks
 from flaxen.tasks.token_cls import word_labels
 
 from flaxen.data import DataConfig, TokenizerConfig, load_task_data
@@ -46,7 +46,7 @@ def tsv_config(tmp_path, **kw):
 
 
 def load(cfg, tmp_path, task):
-    return load_task_data(cfg, tasks.get(task), str(tmp_path))
+    return load_task_data(cfg, tasks.get(task), str(tmp_path), presets=config.data_preset)
 
 
 def test_conll_line_with_wrong_column_count_names_file_and_line(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from flaxen import tasks
+from flaxen import config, tasks
 from flaxen.tasks.clm import token_stream
 from flaxen.tasks.token_cls import word_labels
 
@@ -175,7 +175,8 @@ def test_resumed_loader_replays_the_same_batches(name, request):
 def test_pretraining_mixture_reads_only_train_text(prepared_dir, sst2, conll, shakespeare):
     from flaxen.data import load_task_data
 
-    mixture = load_task_data(preset("pretrain_corpus", prepared_dir, tokenizer={"kind": "word"}), tasks.get("mlm"), DATA_DIR)
+    mixture = load_task_data(preset("pretrain_corpus", prepared_dir, tokenizer={"kind": "word"}), tasks.get("mlm"), DATA_DIR,
+                             presets=config.data_preset)
     train, held_out = mixture.sentences("train"), mixture.sentences("validation")
     sst2_lines = [" ".join(t.split()) for t in sst2.texts("train")]
     conll_lines = conll.texts("train")

@@ -53,3 +53,64 @@ def test_models_errors_are_flaxen_errors():
     assert issubclass(models.errors.CheckpointError, flaxen.FlaxenError)
     assert issubclass(flaxen.DataError, flaxen.FlaxenError)
     assert not issubclass(flaxen.DataError, (models.errors.ConfigError, models.errors.CheckpointError))
+
+
+DATA = os.path.join(ROOT, "flaxen", "data")
+# what flaxen/data may import from flaxen: itself and the error types; everything else (config,
+# tasks, loop, ...) sits above it and hands it what it needs
+DATA_MAY_IMPORT = ("flaxen.data", "flaxen.errors")
+
+
+def test_flaxen_data_imports_nothing_above_it():
+    offending = []
+    for name in sorted(os.listdir(DATA)):
+        if not name.endswith(".py"):
+            continue
+        path = os.path.join(DATA, name)
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        for line, module in _imports(tree):
+            top = module == "flaxen" or module.startswith("flaxen.")
+            if top and not any(module == m or module.startswith(m + ".") for m in DATA_MAY_IMPORT):
+                offending.append(f"{os.path.relpath(path, ROOT)}:{line}: imports {module}")
+    assert not offending, "flaxen/data must not import the layers above it:\n" + "\n".join(offending)
+
+
+TASK_NAMES = ("mlm", "clm", "seq_cls", "token_cls", "qa", "causal_lm")
+
+
+def _name_tests(tree: ast.AST):
+    """(line, source) of comparisons of something with a task or head name: `x == 'seq_cls'`,
+    `x in ('mlm', 'clm')`, `x != 'clm'` (dict keys and plain arguments are not tests)."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        literals = []
+        for operand in operands:
+            if isinstance(operand, ast.Constant):
+                literals.append(operand.value)
+            elif isinstance(operand, (ast.Tuple, ast.List, ast.Set)):
+                literals += [e.value for e in operand.elts if isinstance(e, ast.Constant)]
+        if any(value in TASK_NAMES for value in literals):
+            yield node.lineno, ast.unparse(node)
+
+
+def test_no_branching_on_task_names_outside_tasks_and_heads():
+    """The steps, loop, evaluation, data pipeline, config and scripts call a Task (flaxen/tasks/)
+    or a head spec (models/heads.py); they never test a task's or head's name."""
+    allowed = {os.path.join("models", "heads.py")}
+    files = []
+    for top in ("flaxen", "models", "scripts"):
+        for directory, _, names in os.walk(os.path.join(ROOT, top)):
+            files += [os.path.join(directory, f) for f in names if f.endswith(".py")]
+    files += [os.path.join(ROOT, "train.py"), os.path.join(ROOT, "eval.py")]
+    offending = []
+    for path in sorted(files):
+        relative = os.path.relpath(path, ROOT)
+        if relative in allowed or relative.startswith(os.path.join("flaxen", "tasks") + os.sep):
+            continue
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        offending += [f"{relative}:{line}: {source}" for line, source in _name_tests(tree)]
+    assert not offending, "branching on a task or head name:\n" + "\n".join(offending)

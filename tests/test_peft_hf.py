@@ -87,6 +87,23 @@ def test_merged_lora_saves_a_model_transformers_loads(bert_lora, tmp_path):
     np.testing.assert_allclose(torch_logits(reference), flaxen_logits(bert_lora), atol=1e-4, rtol=0)
 
 
+def test_bert_qa_lora_export_loads_in_pytorch_peft(bert_dir, tmp_path):
+    """Extractive QA: the LoRA export (task_type QUESTION_ANS, qa_outputs saved in full) gives
+    PyTorch peft's start and end logits."""
+    model = models.load_pretrained(bert_dir, head="qa")
+    peft.apply(model, {"name": "lora", "rank": 4, "alpha": 8, "target_modules": ["query", "value"]},
+               rngs=nnx.Rngs(jax.random.key(2, impl="rbg")))
+    randomize(model, 2)
+    path = peft.export_hf_peft(model, tmp_path / "adapter")
+    base = transformers.BertForQuestionAnswering.from_pretrained(bert_dir, num_labels=2).eval()
+    reference = torch_peft.PeftModel.from_pretrained(base, path).eval()
+    ours = model(jnp.asarray(IDS), attention_mask=jnp.asarray(MASK))
+    with torch.no_grad():
+        theirs = reference(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK))
+    np.testing.assert_allclose(np.asarray(ours.start_logits), theirs.start_logits.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(ours.end_logits), theirs.end_logits.numpy(), atol=1e-4, rtol=0)
+
+
 def test_gpt2_fused_attention_export_with_rslora(gpt2_dir, tmp_path):
     """q/v LoRA factors become one LoRA on GPT-2's fused c_attn (rank 2r, B block-structured)."""
     model = models.load_pretrained(gpt2_dir, head="causal_lm")

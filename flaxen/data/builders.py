@@ -1,8 +1,9 @@
 """tfds builders for local files, prepared once as array_record and read with `as_data_source`.
 
 Why: a prepared tfds dataset is versioned, random-access and needs no TensorFlow. Four builders
-cover local files (CoNLL-style tagging, delimited classification, plain-text corpora, SQuAD JSON); catalog
-names (`glue/sst2`, `conll2003`, `squad/v1.1`, ...) go through tfds's own builders. Records, as loaders see them:
+cover local files (CoNLL-style tagging, delimited classification, plain-text corpora, SQuAD JSON);
+catalog names (`glue/sst2`, `conll2003`, `squad/v1.1`, ...) go through tfds's own builders.
+Records, as loaders see them:
 
   tagging:        {"tokens": [str] * words, "tags": [int] * words}   (tag names in the dataset's
                   metadata.json: a per-word ClassLabel sequence would cost tfds ~7x the write time)
@@ -50,7 +51,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from flaxen.data import raw, synthetic
 from flaxen.data import tags as tag_schemes
-from flaxen.data.config import DataConfig
+from flaxen.data.config import QA_FIELDS, DataConfig
 from flaxen.errors import ConfigError, DataError
 
 FORMAT_VERSION = "1.1.0"
@@ -103,7 +104,6 @@ class FlaxenSquad(_LocalBuilder, skip_registration=True):
 
 BUILDERS = {"conll": FlaxenConll, "delimited": FlaxenDelimited, "text": FlaxenText, "squad": FlaxenSquad}
 SCHEMAS = {"conll": "tagging", "delimited": "classification", "text": "text", "squad": "qa"}
-QA_FIELDS = ("id", "title", "context", "question", "answer_texts", "answer_starts")
 
 
 # ---------------------------------------------------------------- where prepared data lives
@@ -211,13 +211,13 @@ def _field_reader(feature, key: str) -> Callable[[Any], Any]:
 
 def _sequence_member_reader(feature, key: str) -> Callable[[Any], Any]:
     """A reader for a scalar text/int feature inside a tfds Sequence of dicts (stored as one list)."""
-    if isinstance(feature, tfds.features.Text) or (
-            isinstance(feature, tfds.features.Tensor) and feature.shape == () and np.dtype(feature.np_dtype).kind == "O"):
+    scalar = isinstance(feature, (tfds.features.ClassLabel, tfds.features.Tensor)) and feature.shape == ()
+    if isinstance(feature, tfds.features.Text) or (scalar and np.dtype(feature.np_dtype).kind == "O"):
         return lambda f: [b.decode("utf-8") for b in f.bytes_list.value]
-    if isinstance(feature, (tfds.features.ClassLabel, tfds.features.Tensor)) and feature.shape == () and \
-            np.dtype(feature.np_dtype).kind in "iu":
+    if scalar and np.dtype(feature.np_dtype).kind in "iu":
         return lambda f: list(f.int64_list.value)
-    raise ConfigError(f"feature {key!r} ({type(feature).__name__}) is not a text or integer feature that flaxen can read")
+    raise ConfigError(f"feature {key!r} ({type(feature).__name__}) is not a text or integer feature that flaxen "
+                      "can read")
 
 
 def _find_feature(features, name: str):
@@ -320,7 +320,7 @@ class PreparedDataset:
             return [r["text"] for r in records]
         if self.schema == "tagging":
             return [" ".join(r["tokens"]) for r in records]
-        if self.schema == "qa":
+        if self.schema == SCHEMAS["squad"]:  # qa records
             return list(dict.fromkeys(r["context"] for r in records)) + [r["question"] for r in records]
         return [t for r in records for t in (r["text"], r["text_pair"]) if t]
 
@@ -531,40 +531,36 @@ def _parse_squad(cfg: DataConfig, files: dict[str, str]):
     return parsed, features, None
 
 
-def _local_source(cfg: DataConfig, data_dir: str, root: str) -> tuple[str, DataConfig, dict[str, str]]:
+def _local_source(cfg: DataConfig, data_dir: str, root: str, presets) -> tuple[str, DataConfig, dict[str, str]]:
     """(builder kind, effective config, split -> file) for local and generated data."""
     if cfg.source == "synthetic":
         kind, effective, files = synthetic.write_files(cfg, os.path.join(root, "quickstart"))
         return kind, effective, files
     if cfg.source == "mixture":
-        files = _write_mixture(cfg, data_dir, os.path.join(root, "mixture", _safe_name(cfg.name)))
+        files = _write_mixture(cfg, data_dir, os.path.join(root, "mixture", _safe_name(cfg.name)), presets)
         return "text", dataclasses.replace(cfg, source="text", splits=files), files
     return cfg.source, cfg, _split_files(cfg, data_dir)
 
 
-def mixture_component(name: str) -> DataConfig:
-    """The data preset configs/data/<name>.yaml as a DataConfig (a component of a mixture)."""
-    from omegaconf import OmegaConf
-
-    from flaxen.config import CONFIG_DIR
-
-    path = os.path.join(CONFIG_DIR, "data", f"{name}.yaml")
-    if not os.path.isfile(path):
-        presets = sorted(f[:-5] for f in os.listdir(os.path.dirname(path)) if f.endswith(".yaml"))
-        raise ConfigError(f"data.mixture: {name!r} is not a data preset (configs/data/ has {', '.join(presets)})")
-    component = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path)))
+def mixture_component(name: str, presets) -> DataConfig:
+    """The data preset `name` as a DataConfig (a component of a mixture); `presets(name)` is the
+    caller's preset lookup (flaxen.config.data_preset reads configs/data/<name>.yaml)."""
+    if presets is None:
+        raise ConfigError("data.source=mixture: no data presets to look its components up in (pass "
+                          "presets=flaxen.config.data_preset to load_task_data)")
+    component = presets(name)
     if component.source in ("mixture", "tfds"):
         raise ConfigError(f"data.mixture: {name!r} has source={component.source}; a mixture takes local presets only")
     return component
 
 
-def _write_mixture(cfg: DataConfig, data_dir: str, directory: str) -> dict[str, str]:
+def _write_mixture(cfg: DataConfig, data_dir: str, directory: str, presets) -> dict[str, str]:
     """train.txt and validation.txt of a mixture: the train-split text of every component, one
     sentence (or line) per line; the last `validation_fraction` of each component's lines is held out
     as validation, so no component's validation or test text is ever read. Files are rewritten only
     when their content changes (their checksums key the prepared dataset)."""
     lines = {"train": [], "validation": []}
-    components = {name: mixture_component(name) for name in cfg.mixture}
+    components = {name: mixture_component(name, presets) for name in cfg.mixture}
     for name, component_cfg in components.items():
         prepared = prepare(component_cfg, data_dir)
         texts = prepared.texts("train")
@@ -595,12 +591,12 @@ def _write_mixture(cfg: DataConfig, data_dir: str, directory: str) -> dict[str, 
     return files
 
 
-def prepare(cfg: DataConfig, data_dir: str) -> PreparedDataset:
+def prepare(cfg: DataConfig, data_dir: str, presets=None) -> PreparedDataset:
     """The prepared tfds dataset for `cfg`: reused when the raw files are unchanged, else built."""
     root = prepared_root(cfg, data_dir)
     if cfg.source == "tfds":
         return _prepare_catalog(cfg, root)
-    kind, cfg, files = _local_source(cfg, data_dir, root)
+    kind, cfg, files = _local_source(cfg, data_dir, root, presets)
     key_material = {"builder": kind, "format": FORMAT_VERSION, "options": _options(cfg, kind),
                     "files": {split: [os.path.basename(path), _sha256(path)] for split, path in sorted(files.items())}}
     key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:16]
@@ -705,8 +701,8 @@ def _prepare_catalog(cfg: DataConfig, root: str) -> PreparedDataset:
                     f"could not download and prepare tfds catalog dataset {cfg.tfds_name!r} into {root} "
                     f"({cause}). Offline, use the "
                     "local files instead: a data preset with data.source=conll|delimited|text|squad (e.g. data=sst2, "
-                    "data=conll2003, data=shakespeare_char, data=squad) and data_dir (or FLAXEN_DATA_DIR) pointing at the folder "
-                    "that holds them, e.g. <data_dir>/sst2/train.tsv.") from error
+                    "data=conll2003, data=shakespeare_char, data=squad) and data_dir (or FLAXEN_DATA_DIR) pointing at "
+                    "the folder that holds them, e.g. <data_dir>/sst2/train.tsv.") from error
     fields = dict(cfg.tfds_features)
     schema = ("qa" if "question" in fields else "tagging" if "tokens" in fields
               else "classification" if "label" in fields else "text")

@@ -130,7 +130,8 @@ def check_config(cfg: DataConfig, task=None) -> None:
         if not cfg.tfds_name:
             raise ConfigError("data.source=tfds needs data.tfds_name (a catalog name such as glue/sst2)")
         keys = set(cfg.tfds_features)
-        if keys not in ({"text"}, {"text", "label"}, {"text", "text_pair", "label"}, {"tokens", "tags"}, set(QA_FIELDS)):
+        known = ({"text"}, {"text", "label"}, {"text", "text_pair", "label"}, {"tokens", "tags"}, set(QA_FIELDS))
+        if keys not in known:
             raise ConfigError(f"data.tfds_features={dict(cfg.tfds_features)}: expected keys {{text}}, {{text, label}}, "
                               "{text, text_pair, label}, {tokens, tags} or {" + ", ".join(QA_FIELDS) + "}, each "
                               "mapped to a catalog feature name (nested ones as answers/text)")
@@ -185,8 +186,8 @@ def check_config(cfg: DataConfig, task=None) -> None:
         raise ConfigError(f"data.length_grouping={cfg.length_grouping}: expected 0 (off) or a number of batches")
     if cfg.loader_threads < 0:
         raise ConfigError(f"data.loader_threads={cfg.loader_threads}: expected 0 or more")
-    qa = cfg.source == "squad" or (task is not None and "qa" in getattr(task, "data_kinds", ()))
-    if cfg.doc_stride < 0 or (qa and cfg.doc_stride >= cfg.max_length):
+    # (the qa task checks doc_stride < max_length for catalog data too: Task.check_data_config)
+    if cfg.doc_stride < 0 or (cfg.source == "squad" and cfg.doc_stride >= cfg.max_length):
         raise ConfigError(f"data.doc_stride={cfg.doc_stride}: expected 0 or more tokens shared by consecutive "
                           f"windows, fewer than data.max_length={cfg.max_length}")
     _check_holdout(cfg)

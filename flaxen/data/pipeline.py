@@ -269,15 +269,16 @@ def _tokenizer(cfg: DataConfig, task: Any, prepared: builders.PreparedDataset, d
 
 
 def load_task_data(cfg: Any, task: Any, data_dir: Optional[str] = None,
-                   tokenizer_path: Optional[str] = None) -> TaskData:
+                   tokenizer_path: Optional[str] = None, presets=None) -> TaskData:
     """Prepares (or reuses) the data of `cfg` for `task` (a flaxen Task, e.g. flaxen.tasks.get('seq_cls'))
     under `<data_dir>/tfds/` and returns its TaskData. `tokenizer_path` (a Hugging Face model directory)
-    overrides data.tokenizer."""
+    overrides data.tokenizer. `presets(name) -> DataConfig` looks up the components of a mixture
+    (flaxen.config.data_preset: configs/data/<name>.yaml)."""
     cfg = as_data_config(cfg)
     check_config(cfg, task)
     if data_dir is None:
         from flaxen.data.config import default_data_dir
         data_dir = default_data_dir()
-    prepared = builders.prepare(cfg, data_dir)
+    prepared = builders.prepare(cfg, data_dir, presets)
     tokenizer = _tokenizer(cfg, task, prepared, data_dir, tokenizer_path)
     return TaskData(dataclasses.replace(cfg), task, prepared, tokenizer)

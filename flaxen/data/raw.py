@@ -258,7 +258,8 @@ def parse_squad(path: str) -> list[dict]:
                 for n, answer in enumerate(answers):
                     place = f"{where} answer {n}"
                     answer_text = _squad_field(path, place, answer, "text", str, "the answer text")
-                    start = _squad_field(path, place, answer, "answer_start", int, "its character offset in the context")
+                    start = _squad_field(path, place, answer, "answer_start", int,
+                                         "its character offset in the context")
                     found = context[start:start + len(answer_text)] if 0 <= start <= len(context) else ""
                     if found != answer_text:
                         raise DataError(f"{path}: {place}: answer_start={start} does not point at the answer: "

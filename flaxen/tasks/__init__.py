@@ -3,6 +3,6 @@
     task = flaxen.tasks.get(cfg.task.name)      # a Task; the steps, loop, evaluation and data call it
 """
 from flaxen.tasks.base import IGNORE_INDEX, Task, get, names, register
-from flaxen.tasks import clm, mlm, seq_cls, token_cls  # noqa: F401  (registers them)
+from flaxen.tasks import clm, mlm, qa, seq_cls, token_cls  # noqa: F401  (registers them)
 
 __all__ = ["IGNORE_INDEX", "Task", "get", "names", "register"]
