@@ -231,6 +231,7 @@ def validate(cfg) -> None:
     if cfg.model.pretrained is not None and not os.path.isdir(os.path.expanduser(cfg.model.pretrained)):
         raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: no such directory")
     check_data_config(cfg.data, task)
+    task.check_data_config(cfg.data)
     task.check_config(cfg)
     length = task.row_length(cfg.data)
     if cfg.model.pretrained is None and length > cfg.model.max_position_embeddings:

@@ -43,12 +43,14 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def row(task, metric, splits, seeds=(0,), target=None, needs=(), label="", scale=100.0, metric_label=None,
-        also=()):
+        also=(), note=None):
     """One row. `scale`: the factor that shows a metric in the table (100 for fractions; 1 for
-    metrics already in percent, as SQuAD's); `also`: further metrics recorded from the eval files."""
+    metrics already in percent, as SQuAD's); `also`: further metrics recorded from the eval files;
+    `note`: what a reader of results/<row>.json must know about the data (kept in the file)."""
     metric_label = metric_label or {"accuracy": "accuracy (%)", "f1": "entity F1 (%)", "loss": "MLM loss"}[metric]
     return {"task": task, "metric": metric, "splits": list(splits), "seeds": list(seeds), "target": target,
-            "needs": list(needs), "label": label, "scale": scale, "metric_label": metric_label, "also": list(also)}
+            "needs": list(needs), "label": label, "scale": scale, "metric_label": metric_label, "also": list(also),
+            "note": note}
 
 
 # target: (split, minimum) the row must reach, or None (minimum in the metric's own unit)
@@ -59,7 +61,11 @@ ROWS = {
                             label="all-MiniLM-L6-v2, fine-tuned"),
     "minilm_squad": row("SQuAD v1.1, 38 / 10 dev articles", "f1", ["validation"], target=("validation", 60.0),
                         label="all-MiniLM-L6-v2, fine-tuned (not the standard split)", scale=1.0,
-                        metric_label="F1 (%)", also=("exact_match",)),
+                        metric_label="F1 (%)", also=("exact_match",),
+                        note="Not the standard SQuAD split: only dev-v1.1.json is available here, so the `squad` "
+                             "data preset splits it by whole article (data.holdout_key=title, holdout_groups=10, "
+                             "holdout_seed=0): 38 articles (7,302 questions) train, 10 articles (3,268 questions) "
+                             "validation; exact_match and f1 in percent with the official v1.1 normalisation."),
     "bert_mini_mlm": row("pretraining text", "loss", ["validation"],
                          label="bert_mini, masked-LM pretraining by flaxen"),
     "bert_mini_pretrained_sst2": row("SST-2", "accuracy", ["validation"], needs=["bert_mini_mlm"],
@@ -225,7 +231,7 @@ def row_record(name: str, seeds: list[dict], commands: list[str]) -> dict:
             values = [s["also"][metric][split] for s in seeds]
             also.setdefault(metric, {})[split] = {"mean": statistics.fmean(values), "values": values,
                                                   "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    return {"row": name, "task": spec["task"], "label": spec["label"], "metric": spec["metric"],
+    return {"row": name, "task": spec["task"], "label": spec["label"], "note": spec.get("note"), "metric": spec["metric"],
             "splits": spec["splits"], "summary": summary, "also": also, "target": target,
             "seeds": [s["seed"] for s in seeds], "runs": seeds, "commands": commands,
             "wall_seconds_max": max(s["wall_seconds"] for s in seeds), "machine": machine(),

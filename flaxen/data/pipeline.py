@@ -276,6 +276,7 @@ def load_task_data(cfg: Any, task: Any, data_dir: Optional[str] = None,
     (flaxen.config.data_preset: configs/data/<name>.yaml)."""
     cfg = as_data_config(cfg)
     check_config(cfg, task)
+    task.check_data_config(cfg)
     if data_dir is None:
         from flaxen.data.config import default_data_dir
         data_dir = default_data_dir()

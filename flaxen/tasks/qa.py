@@ -235,29 +235,9 @@ class QuestionAnswering(Task):
 
     def collate(self, rows: Sequence, batch_size: int, buckets: Sequence[int], pad_id: int) -> dict:
         """Rows (features, or encoding.PADDING) -> the batch (see the module docstring)."""
-        real = [row for row in rows if row is not encoding.PADDING]
-        longest = max((len(row["input_ids"]) for row in real), default=1)
-        length = next((b for b in buckets if b >= longest), None)
-        if length is None:
-            raise ValueError(f"a row of {longest} tokens exceeds the largest bucket length {buckets[-1]}")
-        batch = {"input_ids": np.full((batch_size, length), pad_id, np.int32),
-                 "attention_mask": np.zeros((batch_size, length), np.int32),
-                 "token_type_ids": np.zeros((batch_size, length), np.int32),
-                 "start_positions": np.zeros(batch_size, np.int32),
-                 "end_positions": np.zeros(batch_size, np.int32),
-                 "feature_index": np.full(batch_size, -1, np.int32),
-                 "valid": np.zeros(batch_size, np.int32)}
-        for index, row in enumerate(rows):
-            if row is encoding.PADDING:
-                continue
-            n = len(row["input_ids"])
-            batch["input_ids"][index, :n] = row["input_ids"]
-            batch["attention_mask"][index, :n] = 1
-            batch["token_type_ids"][index, :n] = row["token_type_ids"]
-            for key in ("start_positions", "end_positions", "feature_index"):
-                batch[key][index] = row[key]
-            batch["valid"][index] = 1
-        return batch
+        return encoding.collate(rows, batch_size, buckets, pad_id, token_fields={"token_type_ids": (np.int32, 0)},
+                                row_fields={"start_positions": (np.int32, 0), "end_positions": (np.int32, 0),
+                                            "feature_index": (np.int32, -1)})
 
     def example_batch(self, cfg: Any, rows: int) -> dict:
         length = self.row_length(cfg.data)
