@@ -3,6 +3,10 @@
 A thin Hydra entry point: the config (configs/config.yaml and its groups) is composed and
 type-checked by Hydra, then flaxen.loop.train does the work in Hydra's run directory.
 Re-running the same command resumes that run from its latest checkpoint.
+
+Exit status: 0 when the run completed (or stopped early); 1 with `error: ...` for a mistake in
+the config, data or run directory (a flaxen error); 130 / 143 after Ctrl-C / SIGTERM, once the
+checkpoint of the step reached is saved (a scheduler can requeue on 143: docs/scaling.md).
 """
 import sys
 
@@ -22,11 +26,19 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from flaxen import loop
+
     try:
-        run(cfg)
+        results = run(cfg)
     except FlaxenError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("aborted: nothing was saved since the last checkpoint; rerun the command to resume from it",
+              file=sys.stderr)
+        sys.exit(130)
+    if loop.exit_code(results):  # exiting 0 here would end a multirun sweep after its first run
+        sys.exit(loop.exit_code(results))
 
 
 if __name__ == "__main__":

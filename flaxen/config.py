@@ -241,6 +241,26 @@ def validate(cfg) -> None:
         raise ConfigError("init_from and model.pretrained are both set: choose one starting point")
 
 
+def check_data_dir(cfg) -> None:
+    """ConfigError when `data_dir` is not an existing directory: a mistyped path (or
+    FLAXEN_DATA_DIR) must not silently become a new, empty data root. The one exception is the
+    default root (~/flaxen_data while FLAXEN_DATA_DIR is unset), where generated data (the
+    quickstart) is prepared on first use. A read-only data_dir is fine (data is prepared into a
+    per-user cache)."""
+    path = os.path.abspath(os.path.expanduser(str(cfg.data_dir)))
+    if os.path.isdir(path):
+        return
+    env = os.environ.get("FLAXEN_DATA_DIR")
+    from_env = bool(env) and os.path.abspath(os.path.expanduser(env)) == path
+    if not env and path == os.path.join(os.path.expanduser("~"), "flaxen_data"):
+        return
+    what = "is not a directory" if os.path.exists(path) else "does not exist"
+    origin = " (from FLAXEN_DATA_DIR)" if from_env else ""
+    raise ConfigError(f"data_dir={path!r}{origin} {what}: set data_dir=PATH or FLAXEN_DATA_DIR to the folder "
+                      "that holds the data (e.g. <data_dir>/sst2/train.tsv for data=sst2), or create the folder "
+                      "first for generated data")
+
+
 def to_container(cfg) -> dict:
     """The resolved config as plain Python containers (for config.yaml in the run directory)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

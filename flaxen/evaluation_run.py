@@ -52,6 +52,7 @@ def _run_config(run_dir: str, overrides: list[str]):
 def _load_task_data(cfg, run_dir=None):
     from flaxen.data import load_task_data
 
+    config_lib.check_data_dir(cfg)
     return load_task_data(cfg.data, tasks.get(cfg.task.name), os.path.abspath(os.path.expanduser(cfg.data_dir)),
                           tokenizer_path=modeling.tokenizer_path(cfg, run_dir), presets=config_lib.data_preset)
 

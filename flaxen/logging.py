@@ -7,7 +7,16 @@ TensorBoard (for eyes) never disagree. tensorboardX writes event files without T
   appends `{"step": step, ...}` to <run_dir>/metrics.jsonl and adds each scalar to TensorBoard
   under its key (train rows are prefixed `train/` there).
 - `ProgressBar(total, initial)`: tqdm with loss, learning rate and tokens/s in its postfix.
-- `write_json(path, obj)`: atomic JSON write (temporary file, then rename).
+- `write_json(path, obj)` / `write_text(path, text)`: atomic writes (temporary file, then rename);
+  `append_jsonl(path, row)`: one JSON line appended (commands.jsonl).
+- `truncate_metrics(run_dir, step)`: on resume, drops what a run logged past the checkpoint it
+  resumes from, so no step is listed twice: metrics.jsonl rows with a larger step (and a torn last
+  line) are dropped, by rewriting the file atomically; a TensorBoard event file with such steps
+  is moved into tensorboard/superseded/ and replaced by a copy of its records up to `step`. Event
+  files are append-only record streams (records cannot be removed in place) and TensorBoard reads
+  every events file of a directory as one run, so a superseded file left in place would draw
+  both the old and the resumed curve over the same steps. Moved into a subdirectory, the old
+  points stay available and TensorBoard shows them as a separate run named `superseded`.
 - `peak_memory()`: the accelerator's peak bytes in use where the backend reports it, else this
   process's peak resident memory (results.json records it).
 """
@@ -16,6 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
+import struct
 import sys
 import tempfile
 
@@ -56,6 +67,103 @@ def write_json(path: str, obj) -> None:
         json.dump(_jsonable(obj), f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def _mode_of(path: str) -> int:
+    """The permission bits `path` has (a file being replaced keeps them), else rw-r--r--."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o644
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` atomically."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, _mode_of(path))
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: str, row: dict) -> None:
+    """Appends `row` as one JSON line to `path`."""
+    with open(path, "a") as f:
+        f.write(json.dumps(_jsonable(row)) + "\n")
+
+
+def _step_of_line(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _event_records(path: str) -> list[tuple[bytes, int]]:
+    """(raw TFRecord, event step) of an event file; a torn last record is left out. A record:
+    uint64 length, uint32 masked CRC of it, the serialized Event, uint32 masked CRC of that."""
+    from tensorboardX.proto import event_pb2
+
+    with open(path, "rb") as f:
+        data = f.read()
+    records, offset = [], 0
+    while offset + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[offset:offset + 8])
+        end = offset + 12 + length + 4
+        if end > len(data):
+            break
+        records.append((data[offset:end], event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]).step))
+        offset = end
+    return records
+
+
+def _truncate_events(directory: str, step: int) -> int:
+    """Event files of `directory` with events past `step`: moved to directory/superseded/ and
+    replaced by their records up to `step`. Returns how many were moved."""
+    if not os.path.isdir(directory):
+        return 0
+    moved = 0
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if not name.startswith("events.out.tfevents") or not os.path.isfile(path):
+            continue
+        records = _event_records(path)
+        if all(event_step <= step for _, event_step in records):
+            continue
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_")
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"".join(record for record, event_step in records if event_step <= step))
+        os.chmod(tmp, _mode_of(path))
+        superseded = os.path.join(directory, "superseded")
+        os.makedirs(superseded, exist_ok=True)
+        target, copy = os.path.join(superseded, name), 1
+        while os.path.exists(target):
+            target, copy = os.path.join(superseded, f"{name}.{copy}"), copy + 1
+        os.replace(path, target)
+        os.replace(tmp, path)
+        moved += 1
+    return moved
+
+
+def truncate_metrics(run_dir: str, step: int) -> tuple[int, int]:
+    """Drops what was logged after `step` (see the module docstring); returns (metrics.jsonl rows
+    dropped, TensorBoard event files superseded)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    dropped = 0
+    if os.path.isfile(path):
+        with open(path) as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:  # a line without its newline is a write torn by a crash
+            row_step = _step_of_line(line) if line.endswith("\n") else None
+            if row_step is not None and row_step <= step:
+                kept.append(line)
+        dropped = len(lines) - len(kept)
+        if dropped:
+            write_text(path, "".join(kept))
+    return dropped, _truncate_events(os.path.join(run_dir, "tensorboard"), step)
 
 
 class MetricsWriter:

@@ -17,6 +17,32 @@ feeds batches, logs, evaluates and saves.
   checkpoint exactly (parameters, optimizer state, step, RNG, data position).
 Raises `NonFiniteLossError` when the loss or gradient norm is NaN/Inf; checkpoints are only
 written after a finiteness check, so the last good one survives.
+
+A run directory cannot be damaged by a second command (`RunDirectory`):
+- One training process at a time: process 0 holds RUN_DIR/.lock for the whole run
+  (flaxen.runlock); a second start fails naming the holder's host, pid and start time.
+- The config is recorded once. A start on a directory with a checkpoint is a resume: its config
+  is compared with the saved config.yaml before anything is written, and a change to any key
+  outside SAFE_ON_RESUME (the model, task, data, mesh, peft, optimizer, schedule, batch sizes,
+  seed, init_from, evaluation split and metric, ...) is refused with one ConfigError listing
+  `key: old -> new`. SAFE_ON_RESUME holds what changes when and how long the run trains, logs,
+  evaluates and keeps checkpoints, and where it finds its files, never what one step computes:
+  steps, eval_every, eval_batches, eval_batch_size, checkpoint_every, keep_checkpoints,
+  log_every, early_stopping_patience, progress_bar, tensorboard, experiment_name (a label),
+  data_dir, run_dir (a moved directory), data.prepared_dir (prepared data is keyed by content),
+  data.loader_threads (prefetching only) and distributed.* (how processes find each other).
+  config.yaml keeps the first start's values; every start appends one JSON line to
+  commands.jsonl: {"time", "host", "pid", "argv", "start": new | restart | resume,
+  "changed": {key: [saved, this start's]}}. A directory without a checkpoint holds no state
+  to protect: a new start there ("restart") replaces its config.
+- Everything checkable is checked before the first step and before the directory is written
+  (`_check_data`): data_dir exists, the train split and eval_split exist and are not empty,
+  best_metric is a metric the task's evaluation gives, task.num_labels matches the data's
+  labels, and a resume's data has the labels (and vocabulary) of the run's model.json.
+- Ctrl-C / SIGTERM save a checkpoint and return {"status": "interrupted", "steps": N,
+  "signal": "SIGINT" | "SIGTERM"}; train.py then exits with `exit_code(results)`: 130 / 143.
+- A resume drops what an earlier start logged after the restored step (metrics.jsonl rows,
+  TensorBoard events: flaxen.logging.truncate_metrics), so no step is listed twice.
 """
 from __future__ import annotations
 
@@ -25,27 +51,43 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from flaxen import checkpoint as checkpointing
 from flaxen import config as config_lib
 from flaxen import distributed
 from flaxen import evaluate as evaluation
 from flaxen import logging as run_logging
-from flaxen import modeling, sharding, state, tasks
-from flaxen.errors import ConfigError, FlaxenError
+from flaxen import modeling, runlock, sharding, state, tasks
+from flaxen.errors import ConfigError, DataError, FlaxenError
 from flaxen.state import RNG_IMPL
 from models import peft
 
 
+# config keys a resume may change (a key covers the keys under it); see the module docstring
+SAFE_ON_RESUME = ("steps", "eval_every", "eval_batches", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
+                  "log_every", "early_stopping_patience", "progress_bar", "tensorboard", "experiment_name",
+                  "data_dir", "run_dir", "data.prepared_dir", "data.loader_threads", "distributed")
+
+
 class NonFiniteLossError(FlaxenError):
     """The training loss or gradient norm became NaN or Inf."""
+
+
+def exit_code(results: dict) -> int:
+    """train.py's exit status for `results`: 128 + the signal number when a signal interrupted the
+    run (130 for SIGINT, 143 for SIGTERM, as a shell reports a process that signal ended), else 0."""
+    name = results.get("signal") if results.get("status") == "interrupted" else None
+    return 128 + signal.Signals[name].value if name else 0
 
 
 def is_time(step: int, every: int | None) -> bool:
@@ -61,6 +103,7 @@ class _StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signal = None  # the first signal's number
         self.previous = {}
 
     def __enter__(self):
@@ -72,6 +115,8 @@ class _StopRequest:
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.requested:
+            self.signal = signum
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again aborts)", flush=True)
 
@@ -85,114 +130,127 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
     config_lib.validate(cfg)
     distributed.initialize(cfg.get("distributed"))
     task = tasks.get(cfg.task.name)
-    run = RunDirectory(cfg)
-    log = run.log
-
-    # ---- mesh ----
-    mesh = sharding.make_mesh(cfg.mesh)
-    _check_batch_sizes(cfg, mesh)
-
-    # ---- data ----
-    if task_data is None:
-        from flaxen.data import load_task_data
-
-        task_data = load_task_data(cfg.data, task, run.data_dir, tokenizer_path=modeling.tokenizer_path(cfg),
-                                   presets=config_lib.data_preset)
-    run.write_tokenizer(task_data)
-    train_loader = task_data.loader("train", cfg.batch_size // jax.process_count(), seed=cfg.seed, train=True,
-                                    process_index=jax.process_index(), process_count=jax.process_count())
-    baselines = task.baselines(task_data)
-    if "unigram_entropy" in baselines:
-        log(f"train split unigram entropy: {baselines['unigram_entropy']:.4f} nats/token (a context-free model's loss)")
-
-    # ---- model and sharded state ----
-    model, spec = modeling.build(cfg, task_data, log=log)
-    run.write_spec(spec)
-    trainable_filter = peft.trainable_filter(model) if trainable_filter is None else trainable_filter
-    counts = peft.parameter_counts(model, trainable_filter)
-    setup = state.from_config(cfg, model, mesh=mesh, trainable_filter=trainable_filter)
-    del model
-    log(f"parameters: {counts['total']:,} total, {counts['trainable']:,} trainable "
-        f"({counts['trainable_percent']:.2f}%, peft={spec.peft['name']}); mesh {dict(mesh.shape)}; "
-        f"batch {cfg.batch_size} = {setup.accum_steps} x {cfg.batch_size // setup.accum_steps}")
-
-    # ---- checkpoint (resume) ----
     metric_name, metric_mode = config_lib.best_metric(cfg)
     evaluating = bool(cfg.eval_split)
-    ckpt = checkpointing.Checkpointer(os.path.join(run.path, "checkpoints"), keep=cfg.keep_checkpoints,
-                                      best_metric=(metric_name, metric_mode) if evaluating else None)
-    current = _start_state(cfg, setup, ckpt, train_loader, log)
-    step = int(current.meta["step"])
-    if step >= cfg.steps and run.finished():
-        ckpt.close()
-        run.close()
-        return run.finished_results(step)
+    with RunDirectory(cfg) as run:  # locked, and a resume's config checked; nothing written yet
+        log = run.log
 
-    # ---- loop ----
-    bar = run_logging.ProgressBar(cfg.steps, initial=step, enabled=run.is_main and cfg.progress_bar)
-    interval = _Interval(ckpt)
-    status, last_eval, last_eval_step, first_step = "completed", None, None, step + 1
-    wall_start = time.perf_counter()
-    with _StopRequest() as stop_request:
-        try:
-            while step < cfg.steps:
-                batch = next(train_loader)
-                current.params, current.opt_state, step_metrics = setup.train_step(
-                    current.params, current.opt_state, current.rest, setup.put_batch(batch), np.int32(step),
-                    current.rng)
-                step += 1
-                interval.add(step, step_metrics, batch, first=step == first_step, log=log)
-                bar.update(step)
-                last = step == cfg.steps
-                stopping = stop_request.requested or (should_stop is not None and should_stop(step))
-                do_eval = evaluating and (is_time(step, cfg.eval_every) or last)
-                do_save = is_time(step, cfg.checkpoint_every) or last or stopping
-                if is_time(step, cfg.log_every) or do_eval or do_save:
-                    row = interval.flush(step, current.meta)
-                    run.writer.write(step, row)
-                    bar.update(step, loss=row["loss"], lr=row["learning_rate"], tokens_per_s=row["tokens_per_s"])
-                with interval.paused():
-                    new_best = None
-                    if do_eval:
-                        last_eval, last_eval_step = _evaluate(cfg, setup, current, task_data, run.writer, step), step
-                        bar.write(f"step {step}: " + ", ".join(f"{cfg.eval_split}/{k} {v:.4g}"
-                                                               for k, v in last_eval.items() if isinstance(v, float)))
-                        if _record_eval(current.meta, last_eval, step, metric_name, metric_mode):
-                            do_save, new_best = True, last_eval
-                        elif _patience_exhausted(cfg, current.meta):
-                            status, stopping, do_save = "early_stopping", True, True
-                            bar.write(f"early stopping: {metric_name} has not improved in "
-                                      f"{cfg.early_stopping_patience} evaluations")
-                    if do_save:
-                        _save(ckpt, step, current, train_loader, metric_name, new_best)
-                if stopping:
-                    status = "early_stopping" if status == "early_stopping" else "interrupted"
-                    break
-        finally:
-            bar.close()
-            run.writer.close()
+        # ---- mesh ----
+        mesh = sharding.make_mesh(cfg.mesh)
+        _check_batch_sizes(cfg, mesh)
 
-    # ---- end ----
-    if status == "interrupted":
+        # ---- data (checked before the run directory is written) ----
+        if task_data is None:
+            from flaxen.data import load_task_data
+
+            config_lib.check_data_dir(cfg)
+            task_data = load_task_data(cfg.data, task, run.data_dir, tokenizer_path=modeling.tokenizer_path(cfg),
+                                       presets=config_lib.data_preset)
+        _check_data(cfg, task, task_data, metric_name if evaluating else None)
+        run.start(task_data)
+        train_loader = task_data.loader("train", cfg.batch_size // jax.process_count(), seed=cfg.seed, train=True,
+                                        process_index=jax.process_index(), process_count=jax.process_count())
+        baselines = task.baselines(task_data)
+        if "unigram_entropy" in baselines:
+            log(f"train split unigram entropy: {baselines['unigram_entropy']:.4f} nats/token "
+                "(a context-free model's loss)")
+
+        # ---- model and sharded state ----
+        model, spec = modeling.build(cfg, task_data, log=log)
+        run.write_spec(spec)
+        trainable_filter = peft.trainable_filter(model) if trainable_filter is None else trainable_filter
+        counts = peft.parameter_counts(model, trainable_filter)
+        setup = state.from_config(cfg, model, mesh=mesh, trainable_filter=trainable_filter)
+        del model
+        log(f"parameters: {counts['total']:,} total, {counts['trainable']:,} trainable "
+            f"({counts['trainable_percent']:.2f}%, peft={spec.peft['name']}); mesh {dict(mesh.shape)}; "
+            f"batch {cfg.batch_size} = {setup.accum_steps} x {cfg.batch_size // setup.accum_steps}")
+
+        # ---- checkpoint (resume) ----
+        ckpt = checkpointing.Checkpointer(os.path.join(run.path, "checkpoints"), keep=cfg.keep_checkpoints,
+                                          best_metric=(metric_name, metric_mode) if evaluating else None)
+        current = _start_state(cfg, setup, ckpt, train_loader, log)
+        step = int(current.meta["step"])
+        if step >= cfg.steps and run.finished():
+            ckpt.close()
+            return run.finished_results(step)
+        run.open_metrics(step)  # drops what an earlier start logged after `step`
+
+        # ---- loop ----
+        bar = run_logging.ProgressBar(cfg.steps, initial=step, enabled=run.is_main and cfg.progress_bar)
+        interval = _Interval(ckpt)
+        status, last_eval, last_eval_step, first_step = "completed", None, None, step + 1
+        wall_start = time.perf_counter()
+        with _StopRequest() as stop_request:
+            try:
+                while step < cfg.steps:
+                    batch = next(train_loader)
+                    current.params, current.opt_state, step_metrics = setup.train_step(
+                        current.params, current.opt_state, current.rest, setup.put_batch(batch), np.int32(step),
+                        current.rng)
+                    step += 1
+                    interval.add(step, step_metrics, batch, first=step == first_step, log=log)
+                    bar.update(step)
+                    last = step == cfg.steps
+                    stopping = stop_request.requested or (should_stop is not None and should_stop(step))
+                    do_eval = evaluating and (is_time(step, cfg.eval_every) or last)
+                    do_save = is_time(step, cfg.checkpoint_every) or last or stopping
+                    if is_time(step, cfg.log_every) or do_eval or do_save:
+                        row = interval.flush(step, current.meta)
+                        run.writer.write(step, row)
+                        bar.update(step, loss=row["loss"], lr=row["learning_rate"], tokens_per_s=row["tokens_per_s"])
+                    with interval.paused():
+                        new_best = None
+                        if do_eval:
+                            last_eval = _evaluate(cfg, setup, current, task_data, run.writer, step)
+                            last_eval_step = step
+                            bar.write(f"step {step}: " + ", ".join(
+                                f"{cfg.eval_split}/{k} {v:.4g}" for k, v in last_eval.items() if isinstance(v, float)))
+                            if _record_eval(current.meta, last_eval, step, metric_name, metric_mode):
+                                do_save, new_best = True, last_eval
+                            elif _patience_exhausted(cfg, current.meta):
+                                status, stopping, do_save = "early_stopping", True, True
+                                bar.write(f"early stopping: {metric_name} has not improved in "
+                                          f"{cfg.early_stopping_patience} evaluations")
+                        if do_save:
+                            _save(ckpt, step, current, train_loader, metric_name, new_best)
+                    if stopping:
+                        status = "early_stopping" if status == "early_stopping" else "interrupted"
+                        break
+            finally:
+                bar.close()
+                run.writer.close()
+
+        # ---- end ----
+        if status == "interrupted":
+            ckpt.close()
+            log(f"stopped at step {step}; checkpoint saved in {ckpt.directory}. Run the same command to resume.")
+            return _interrupted(step, stop_request.signal)
+        if evaluating and last_eval_step != step:
+            last_eval = _evaluate(cfg, setup, current, task_data, None, step)
+        results = _results(cfg, status, step, current, last_eval, (metric_name, metric_mode), evaluating,
+                           time.perf_counter() - wall_start, counts, spec, baselines, ckpt)
         ckpt.close()
-        log(f"stopped at step {step}; checkpoint saved in {ckpt.directory}. Run the same command to resume.")
-        return {"status": status, "steps": step}
-    if evaluating and last_eval_step != step:
-        last_eval = _evaluate(cfg, setup, current, task_data, None, step)
-    results = _results(cfg, status, step, current, last_eval, (metric_name, metric_mode), evaluating,
-                       time.perf_counter() - wall_start, counts, spec, baselines, ckpt)
-    ckpt.close()
-    run.write_results(results)
-    return results
+        run.write_results(results)
+        return results
 
 
 # ---------------------------------------------------------------------- helpers of train()
 
 
 class RunDirectory:
-    """The run directory's bookkeeping: where it is, the config it was started with (a changed
-    config is reported), the tokenizer and model description, metrics writers and results.json.
-    Only process 0 writes."""
+    """The run directory's bookkeeping (see the module docstring), in the order train() uses it:
+
+    - `RunDirectory(cfg)` (a context manager): takes the lock and compares this start's config with
+      the saved config.yaml (`kind`: new | restart | resume; a resume's unsafe changes raise
+      ConfigError). Nothing is written but the lock file.
+    - `start(task_data)`, once the start-up checks passed: config.yaml / config.json on the first
+      start only, a commands.jsonl line, the tokenizer.
+    - `open_metrics(step)` at the restored step: trims metrics.jsonl / TensorBoard, opens `writer`.
+    - `write_spec`, `finished`, `finished_results`, `write_results`.
+    - `close()` on every way out: closes the writer, releases the lock and removes the directory
+      again when this start created it and left nothing in it.
+    Only process 0 locks and writes; the other processes stop with it when it refuses to start."""
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -200,22 +258,122 @@ class RunDirectory:
         self.data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir))
         self.is_main = jax.process_index() == 0
         self.log = print if self.is_main else (lambda *a, **k: None)
-        self.writer = run_logging.MetricsWriter(self.path, tensorboard=cfg.tensorboard, enabled=self.is_main)
-        if not self.is_main:
-            return
-        os.makedirs(self.path, exist_ok=True)
-        previous = os.path.join(self.path, "config.yaml")
-        if os.path.isfile(previous) and os.path.isdir(os.path.join(self.path, "checkpoints")):
-            changes = _config_changes(OmegaConf.load(previous), cfg)
-            if changes:
-                self.log("this run directory was started with a different config: " + "; ".join(changes))
-        run_logging.write_json(os.path.join(self.path, "config.json"), config_lib.to_container(cfg))
-        with open(previous, "w") as f:
-            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+        self.writer = None
+        self.lock = runlock.RunLock(self.path, log=self.log)
+        self.created = self.is_main and not os.path.exists(self.path)
+        self.kind, self.changes, self.write_config = "new", {}, True
+        try:
+            self._on_process_0(self._lock_and_compare)
+        except BaseException:
+            self.close()
+            raise
 
-    def write_tokenizer(self, task_data: Any) -> None:
-        if self.is_main and getattr(task_data, "tokenizer", None) is not None:
-            modeling.write_tokenizer(self.path, task_data.tokenizer)
+    def __enter__(self) -> "RunDirectory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _on_process_0(self, work: Callable[[], None]) -> None:
+        """Runs `work` in process 0 only; when it fails there, every process raises (a
+        multi-process run stops together instead of waiting for process 0 at a collective)."""
+        failure = None
+        if self.is_main:
+            try:
+                work()
+            except Exception as error:
+                failure = error
+        if not _process_0_succeeded(failure is None) and failure is None:
+            failure = FlaxenError(f"process 0 could not start the run in {self.path} (see its error)")
+        if failure is not None:
+            raise failure
+
+    def _lock_and_compare(self) -> None:
+        self.lock.acquire()
+        self._compare_config()
+
+    def _compare_config(self) -> None:
+        """Sets `kind`, `changes` ({key: (saved, new)}) and `write_config`; refuses a resume whose
+        config differs outside SAFE_ON_RESUME."""
+        saved = os.path.join(self.path, "config.yaml")
+        checkpoints = os.path.join(self.path, "checkpoints")
+        resumable = os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
+        if not os.path.isfile(saved):
+            self.kind = "resume" if resumable else "new"
+            if resumable:
+                self.log(f"warning: {self.path} has checkpoints but no config.yaml; recording this command's config")
+            return
+        try:
+            self.changes = _config_changes(OmegaConf.load(saved), self.cfg)
+        except (OSError, yaml.YAMLError, OmegaConfBaseException) as error:
+            raise ConfigError(f"{saved} cannot be read ({error}); it records the run in {self.path}: restore it, "
+                              "or train in another run directory (hydra.run.dir=PATH)") from error
+        if not resumable:
+            self.kind = "restart"
+            if self.changes:
+                self.log(f"{self.path} holds no checkpoint: this start replaces its config.yaml")
+            return
+        self.kind, self.write_config = "resume", False
+        refused = {key: change for key, change in self.changes.items() if not _safe_on_resume(key)}
+        if refused:
+            listed = "".join(f"  {_format_change(key, *change)}\n" for key, change in refused.items())
+            safe = ", ".join("distributed.*" if key == "distributed" else key for key in SAFE_ON_RESUME)
+            raise ConfigError(
+                f"{self.path} holds a run started with a different config; resuming it with this command would "
+                f"change:\n{listed}Only {safe} may change on resume. To start a new run, give it another run "
+                f"directory (hydra.run.dir=PATH; run_dir=PATH from Python) or delete {self.path}; to resume it, "
+                f"use its own config ({saved}).")
+
+    def start(self, task_data: Any) -> None:
+        """Records this start (after the start-up checks passed): config.yaml and config.json when
+        the directory has no run to resume, a line in commands.jsonl, the tokenizer when the run has
+        none yet. A resume first checks that the data has the labels and vocabulary of model.json."""
+        self._on_process_0(lambda: self._record_start(task_data))
+
+    def _record_start(self, task_data: Any) -> None:
+        if self.kind == "resume":
+            self._check_resumed_data(task_data)
+        if self.write_config:
+            run_logging.write_json(os.path.join(self.path, "config.json"), config_lib.to_container(self.cfg))
+            run_logging.write_text(os.path.join(self.path, "config.yaml"), OmegaConf.to_yaml(self.cfg, resolve=True))
+        me = runlock.holder_record()
+        run_logging.append_jsonl(os.path.join(self.path, "commands.jsonl"), {
+            "time": me["started"], "host": me["host"], "pid": me["pid"], "argv": list(sys.argv), "start": self.kind,
+            "changed": {key: list(change) for key, change in self.changes.items()}})
+        if "steps" in self.changes and self.kind == "resume" and self.cfg.schedule.name != "constant":
+            self.log(f"steps: {self.changes['steps'][0]} -> {self.cfg.steps}: the {self.cfg.schedule.name} learning-"
+                     f"rate schedule now ends at step {self.cfg.steps}, so it differs from the saved run's from here")
+        tokenizer = getattr(task_data, "tokenizer", None)
+        saved_tokenizer = os.path.join(self.path, modeling.TOKENIZER_DIR, "tokenizer.json")
+        if tokenizer is not None and (self.kind != "resume" or not os.path.isfile(saved_tokenizer)):
+            modeling.write_tokenizer(self.path, tokenizer)
+
+    def _check_resumed_data(self, task_data: Any) -> None:
+        path = os.path.join(self.path, modeling.MODEL_FILE)
+        if not os.path.isfile(path):
+            return
+        spec = modeling.read_spec(self.path)
+        labels = getattr(task_data, "label_names", None)
+        if spec.label_names is not None and labels is not None and list(labels) != list(spec.label_names):
+            raise DataError(f"the data's labels ({', '.join(map(str, labels))}) are not the labels the run in "
+                            f"{self.path} was trained with ({', '.join(map(str, spec.label_names))}, {path}): "
+                            "its data files changed. Train on the changed data in another run directory "
+                            "(hydra.run.dir=PATH)")
+        tokenizer = getattr(task_data, "tokenizer", None)
+        if self.cfg.model.pretrained is None and tokenizer is not None and \
+                tokenizer.vocab_size != spec.config.vocab_size:
+            raise DataError(f"the data's tokenizer has {tokenizer.vocab_size} ids but the run in {self.path} was "
+                            f"trained with {spec.config.vocab_size} ({path}): its data or tokenizer changed. Train "
+                            "on them in another run directory (hydra.run.dir=PATH)")
+
+    def open_metrics(self, step: int) -> None:
+        """Opens `writer` (metrics.jsonl, TensorBoard) after dropping what was logged past `step`."""
+        if self.is_main:
+            dropped, moved = run_logging.truncate_metrics(self.path, step)
+            if dropped or moved:
+                self.log(f"resuming at step {step}: dropped {dropped} metrics.jsonl rows logged after it"
+                         + (f"; moved {moved} TensorBoard event files to tensorboard/superseded/" if moved else ""))
+        self.writer = run_logging.MetricsWriter(self.path, tensorboard=self.cfg.tensorboard, enabled=self.is_main)
 
     def write_spec(self, spec: modeling.ModelSpec) -> None:
         if self.is_main:
@@ -239,7 +397,54 @@ class RunDirectory:
                  f"split={self.cfg.eval_split or 'validation'}")
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.lock.release()
+        if self.created and os.path.isdir(self.path) and not os.listdir(self.path):
+            os.rmdir(self.path)
+
+
+def _process_0_succeeded(ok: bool) -> bool:
+    """Process 0's `ok`, in every process."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
+def _check_data(cfg: Any, task: Any, task_data: Any, metric_name: str | None) -> None:
+    """What would otherwise fail mid-run, checked before the first step: the train split and
+    eval_split exist and are not empty, `metric_name` (the best metric, None without evaluation)
+    is one the task's evaluation gives, and task.num_labels matches the data's label set."""
+    splits = getattr(task_data, "splits", None)
+    if splits is not None:
+        if "train" not in splits:
+            raise ConfigError(f"data '{cfg.data.name}' has no train split (its splits: {', '.join(splits)})")
+        if cfg.eval_split and cfg.eval_split not in splits:
+            raise ConfigError(f"eval_split={cfg.eval_split!r}: the data has splits {', '.join(splits)}")
+    for key, split in (("data", "train"), ("eval_split", cfg.eval_split)):
+        if split and task_data.num_examples(split) == 0:
+            raise DataError(f"{key}: the {split} split of data '{cfg.data.name}' has no {task.name} examples")
+    labels = getattr(task_data, "label_names", None)
+    if task.labelled and cfg.task.num_labels is not None and labels is not None and \
+            cfg.task.num_labels != len(labels):
+        raise ConfigError(f"task.num_labels={cfg.task.num_labels}: the data has {len(labels)} labels "
+                          f"({', '.join(map(str, labels))})")
+    if metric_name is not None:
+        produced = task.metric_names(cfg, task_data)
+        if metric_name not in produced:
+            key = "best_metric" if cfg.best_metric is not None else f"best_metric (task {task.name}'s default)"
+            raise ConfigError(f"{key}={metric_name!r}: evaluating {task.name} on this data gives "
+                              f"{', '.join(produced)}")
+
+
+def _interrupted(step: int, signum: int | None) -> dict:
+    """The results of a run stopped at `step` (by `signum`, or by should_stop when None)."""
+    results = {"status": "interrupted", "steps": step}
+    if signum is not None:
+        results["signal"] = signal.Signals(signum).name
+    return results
 
 
 def _check_batch_sizes(cfg: Any, mesh) -> None:
@@ -430,12 +635,27 @@ def _flatten(tree, prefix=""):
     return {prefix[:-1]: tree}
 
 
-def _config_changes(old, new) -> list[str]:
-    """'key: old -> new' for every resolved key that differs between two configs."""
+def _config_changes(old, new) -> dict[str, tuple[Any, Any]]:
+    """{key: (old value, new value)} for every resolved key that differs between two configs.
+
+    A key the saved config lacks but whose new value is the schema's default is no change: a
+    later flaxen may add config keys (with defaults that keep the earlier behaviour), and a run
+    saved before them must still resume."""
     before = _flatten(OmegaConf.to_container(old, resolve=True))
     after = _flatten(config_lib.to_container(new))
-    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
-            if before.get(key) != after.get(key)]
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(config_lib.TrainConfig), resolve=False,
+                                               throw_on_missing=False))
+    return {key: (before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)
+            and not (key not in before and key in defaults and after.get(key) == defaults[key])}
+
+
+def _format_change(key: str, old, new) -> str:
+    return f"{key}: {old!r} -> {new!r}"
+
+
+def _safe_on_resume(key: str) -> bool:
+    return any(key == safe or key.startswith(safe + ".") for safe in SAFE_ON_RESUME)
 
 
 def _best_metric_of_run(run_dir: str):

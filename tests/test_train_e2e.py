@@ -28,6 +28,7 @@ def _entry(name):
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
     data_dir = str(base / "data")
+    os.makedirs(data_dir)  # a data_dir that does not exist is refused
     train = _entry("train")
     pretrain_dir = str(base / "pretrain")
     pretrain_cfg = config.compose(["experiment=quickstart", *SMALL, "steps=4", "eval_every=2", "checkpoint_every=2",

@@ -24,6 +24,7 @@ Device (traced inside the jitted steps; `output` is the models.ModelOutput):
 Host (evaluation, after the device outputs are gathered):
     host_fields(batch)                  what of each host batch evaluation keeps
     evaluate(outputs, host, data, split, task_cfg) -> (metrics dict, predictions or None)
+    metric_names(cfg, data)             the scalar metrics `evaluate` returns (checked at start-up)
 
 Batches follow the data contract: `labels` is IGNORE_INDEX wherever nothing is scored and `valid`
 ([batch], 1 for real rows) marks padding rows of an eval split's last batch.
@@ -182,6 +183,11 @@ class Task:
         result = {"loss": loss_sum / weight if weight else float("nan"),
                   "num_examples": int(sum(h["valid"].sum() for h in host))}
         return result, None
+
+    def metric_names(self, cfg: Any, data: Any) -> tuple[str, ...]:
+        """The scalar metrics `evaluate` returns for a run of `cfg` (a TrainConfig) on `data`; the
+        loop checks before the first step that best_metric is one of them."""
+        return ("loss", "num_examples")
 
 
 # ---------------------------------------------------------------------- shared pieces of tasks

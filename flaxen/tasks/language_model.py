@@ -45,3 +45,6 @@ class LanguageModelTask(TokenTask):
         result["perplexity"] = metrics.perplexity(result["loss"])
         result["accuracy"] = float(sum(np.sum(o["correct"]) for o in outputs)) / weight if weight else 0.0
         return result, None
+
+    def metric_names(self, cfg: Any, data: Any) -> tuple[str, ...]:
+        return super().metric_names(cfg, data) + ("perplexity", "accuracy")

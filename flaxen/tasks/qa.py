@@ -202,6 +202,9 @@ class QuestionAnswering(Task):
     data_kinds = ("qa",)
     best_metric = ("f1", "max")
 
+    def metric_names(self, cfg: Any, data: Any) -> tuple[str, ...]:
+        return super().metric_names(cfg, data) + ("exact_match", "f1")
+
     # ------------------------------------------------------------------ data (host)
 
     def check_data_config(self, cfg: Any) -> None:

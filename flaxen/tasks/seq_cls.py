@@ -74,3 +74,8 @@ class SequenceClassification(RecordTask):
         result["macro_f1"] = metrics.macro_f1(labels, predictions, names)
         result["report"] = metrics.classification_report(labels, predictions, names)
         return result, None
+
+    def metric_names(self, cfg: Any, data: Any) -> tuple[str, ...]:
+        if self.num_labels(cfg, data) == 1:  # regression: the loss is the mean squared error
+            return super().metric_names(cfg, data)
+        return super().metric_names(cfg, data) + ("accuracy", "macro_f1")

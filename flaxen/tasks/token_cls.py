@@ -86,3 +86,8 @@ class TokenClassification(RecordTask, TokenTask):
                       macro_f1=metrics.macro_f1(flat_gold, flat_pred, names),
                       report=metrics.classification_report(flat_gold, flat_pred, names))
         return result, None
+
+    def metric_names(self, cfg: Any, data: Any) -> tuple[str, ...]:
+        if data.tag_scheme is not None:
+            return super().metric_names(cfg, data) + ("precision", "recall", "f1")
+        return super().metric_names(cfg, data) + ("accuracy", "macro_f1")
