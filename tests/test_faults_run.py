@@ -17,10 +17,11 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from flaxen import config, evaluation_run, loop, runlock, tasks
+from flaxen import checkpoint, config, evaluation_run, loop, runlock, tasks
 from flaxen.errors import ConfigError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -438,6 +439,15 @@ def test_sigint_and_sigterm_exit_130_and_143_after_saving_and_the_rerun_complete
     scalars_logged = {k for k, v in results["final_eval"].items() if isinstance(v, (int, float))}
     assert set(tasks.get("clm").metric_names(None, None)) == scalars_logged
     assert not (run_dir / ".lock").exists()
+    # bitwise the run that was never interrupted
+    uninterrupted = tmp_path / "uninterrupted"
+    exit_code, output = processes([*command[:-1], f"hydra.run.dir={uninterrupted}"], env=env).finish()
+    assert exit_code == 0, output
+    resumed_arrays = checkpoint.Checkpointer(str(run_dir / "checkpoints"), read_only=True).restore_arrays(400)
+    reference_arrays = checkpoint.Checkpointer(str(uninterrupted / "checkpoints"), read_only=True).restore_arrays(400)
+    assert resumed_arrays.keys() == reference_arrays.keys()
+    for key, value in reference_arrays.items():
+        np.testing.assert_array_equal(np.asarray(resumed_arrays[key]), np.asarray(value), err_msg=".".join(key))
 
 
 def test_a_config_key_added_later_with_its_default_is_no_change():
