@@ -74,8 +74,19 @@ def evaluate_from_config(cfg: Any, overrides: list[str]) -> dict:
         spec = modeling.read_spec(run_dir)
         abstract = spec.build_abstract()
         graphdef, variables = nnx.split(abstract)
-        variables = modeling.fill(variables, ckpt.restore_arrays(step), f"checkpoint {directory}/{step}")
-        ckpt.close()
+        try:
+            arrays = ckpt.restore_arrays(step)
+        except checkpointing.CorruptCheckpointError as error:  # read-only: report, move nothing
+            others = [s for s in ckpt.all_steps() if s != step]
+            best = cfg.step is None and path_step is None
+            raise checkpointing.CheckpointError(
+                f"{'the best step of the run, ' if best else ''}checkpoint {directory}/{step}, is corrupt: "
+                f"{error.cause}. "
+                + (f"Evaluate another step with step=N (saved steps: {', '.join(map(str, others))})" if others
+                   else "The run has no other checkpoint")) from error
+        finally:
+            ckpt.close()
+        variables = modeling.fill(variables, arrays, f"checkpoint {directory}/{step}")
         model = nnx.merge(graphdef, variables)
         origin = {"run_dir": run_dir, "checkpoint": os.path.join(directory, str(step)), "step": step}
         output_dir = cfg.output_dir or run_dir

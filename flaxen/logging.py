@@ -22,6 +22,7 @@ TensorBoard (for eyes) never disagree. tensorboardX writes event files without T
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,6 +32,8 @@ import sys
 import tempfile
 
 from tqdm.auto import tqdm
+
+from flaxen.errors import StorageError
 
 
 def _jsonable(value):
@@ -58,15 +61,14 @@ def peak_memory() -> dict:
     return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "kind": "host peak RSS"}
 
 
-def write_json(path: str, obj) -> None:
-    """Writes `obj` as indented JSON to `path` atomically."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def _writing(path: str):
+    """Turns an operating-system error (disk full, read-only file system, permission denied)
+    while writing `path` into one StorageError naming the path and the errno."""
+    try:
+        yield
+    except OSError as error:
+        raise StorageError.from_exception(error, path) from error
 
 
 def _mode_of(path: str) -> int:
@@ -78,19 +80,34 @@ def _mode_of(path: str) -> int:
 
 
 def write_text(path: str, text: str) -> None:
-    """Writes `text` to `path` atomically."""
+    """Writes `text` to `path` atomically (a temporary file, then a rename). An operating-system
+    error raises StorageError naming `path` and the errno; the previous file, if any, is left as
+    it was and no temporary file stays behind."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, _mode_of(path))
-    os.replace(tmp, path)
+    tmp = None
+    with _writing(path):
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, _mode_of(path))
+            os.replace(tmp, path)
+        except OSError:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+            raise
+
+
+def write_json(path: str, obj) -> None:
+    """Writes `obj` as indented JSON to `path` atomically (see write_text)."""
+    write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
 def append_jsonl(path: str, row: dict) -> None:
-    """Appends `row` as one JSON line to `path`."""
-    with open(path, "a") as f:
+    """Appends `row` as one JSON line to `path` (StorageError naming the path on an OS error)."""
+    with _writing(path), open(path, "a") as f:
         f.write(json.dumps(_jsonable(row)) + "\n")
 
 
@@ -163,7 +180,9 @@ def truncate_metrics(run_dir: str, step: int) -> tuple[int, int]:
         dropped = len(lines) - len(kept)
         if dropped:
             write_text(path, "".join(kept))
-    return dropped, _truncate_events(os.path.join(run_dir, "tensorboard"), step)
+    board = os.path.join(run_dir, "tensorboard")
+    with _writing(board):
+        return dropped, _truncate_events(board, step)
 
 
 class MetricsWriter:
@@ -182,8 +201,16 @@ class MetricsWriter:
         if not self.enabled:
             return
         row = {"step": int(step), **_jsonable(row)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        size = None
+        try:
+            with open(self.path, "a") as f:
+                size = f.tell()
+                f.write(json.dumps(row) + "\n")
+        except OSError as error:
+            if size is not None:  # no half-written line stays behind (a truncation needs no space)
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, size)
+            raise StorageError.from_exception(error, self.path, f"the metrics of step {int(step)}") from error
         if self.tensorboard is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):

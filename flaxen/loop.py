@@ -473,11 +473,12 @@ def _start_state(cfg: Any, setup: state.TrainSetup, ckpt, train_loader, log) -> 
     current = _State(setup.params, setup.opt_state, setup.rest, jax.random.key(cfg.seed, impl=RNG_IMPL),
                      {"step": 0, "best_value": None, "best_step": None, "evals_without_improvement": 0,
                       "tokens": 0, "train_seconds": 0.0, "best_eval": None})
-    start = ckpt.latest_step()
-    if start is not None:
-        restored = ckpt.restore(start, params=modeling.abstract_like(current.params, setup.param_shardings),
-                                opt_state=modeling.abstract_like(current.opt_state, setup.opt_shardings),
-                                rest=modeling.abstract_like(current.rest, setup.rest_shardings))
+    # the newest intact checkpoint: damaged newer ones are moved aside with a message (flaxen.checkpoint)
+    found = ckpt.restore_latest_good(params=modeling.abstract_like(current.params, setup.param_shardings),
+                                     opt_state=modeling.abstract_like(current.opt_state, setup.opt_shardings),
+                                     rest=modeling.abstract_like(current.rest, setup.rest_shardings), log=log)
+    if found is not None:
+        start, restored = found
         current.params, current.opt_state = restored["params"], restored["opt_state"]
         current.rest = restored.get("rest", current.rest)
         current.meta.update(restored["meta"])
@@ -606,11 +607,21 @@ def _init_from(source: str, params, rest, log):
     directory, step = checkpointing.find_checkpoint_dir(source)
     source_ckpt = checkpointing.Checkpointer(directory, read_only=True,
                                              best_metric=_best_metric_of_run(os.path.dirname(directory)))
+    chosen = step is None
     step = source_ckpt.best_step() if step is None else step
     if step is None:
         raise checkpointing.CheckpointError(f"init_from={source}: no checkpoint in {directory}")
-    arrays = source_ckpt.restore_arrays(step, items=("params", "rest"))
-    source_ckpt.close()
+    try:
+        arrays = source_ckpt.restore_arrays(step, items=("params", "rest"))
+    except checkpointing.CorruptCheckpointError as error:  # read-only: report, move nothing
+        others = [s for s in source_ckpt.all_steps() if s != step]
+        raise checkpointing.CheckpointError(
+            f"init_from={source}: {'its best step, ' if chosen else ''}checkpoint {directory}/{step}, is corrupt: "
+            f"{error.cause}. " + (f"Start from another step with init_from={directory}/N (saved steps: "
+                                  f"{', '.join(map(str, others))})" if others else "The run has no other checkpoint")
+        ) from error
+    finally:
+        source_ckpt.close()
     params, copied, fresh = modeling.transfer(arrays, params, source)
     rest, copied_frozen, fresh_frozen = modeling.transfer(arrays, rest, source)
     if not copied + copied_frozen:

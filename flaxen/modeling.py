@@ -36,7 +36,7 @@ from flax import nnx
 import models
 from flaxen import logging as run_logging
 from flaxen import tasks
-from flaxen.errors import CheckpointError
+from flaxen.errors import CheckpointError, StorageError
 from models import peft
 
 MODEL_FILE = "model.json"
@@ -145,11 +145,17 @@ def write_tokenizer(run_dir: str, tokenizer) -> None:
     import tempfile
 
     target = os.path.join(run_dir, TOKENIZER_DIR)
-    temporary = tempfile.mkdtemp(prefix=".tokenizer-", dir=run_dir)
-    tokenizer.save(temporary)
-    if os.path.isdir(target):
-        shutil.rmtree(target)
-    os.rename(temporary, target)
+    temporary = None
+    try:
+        temporary = tempfile.mkdtemp(prefix=".tokenizer-", dir=run_dir)
+        tokenizer.save(temporary)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.rename(temporary, target)
+    except OSError as error:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise StorageError.from_exception(error, target) from error
 
 
 def write_spec(run_dir: str, spec: ModelSpec) -> None:

@@ -23,6 +23,15 @@ one stays intact. Raw files are parsed and checked in full before anything is wr
 into an `incomplete.*` directory and renames it only when complete; a file lock keeps concurrent
 runs from building the same dataset twice.
 
+Integrity: when a dataset is prepared, `flaxen_checksums.json` (written last, beside
+dataset_info.json) records the size and sha256 of each array_record file:
+    {"format": 1, "algorithm": "sha256", "files": {"<file name>": {"bytes": N, "sha256": "<hex>"}}}
+Opening compares the sizes always and the checksums too when the files hold at most
+`HASH_ALWAYS_BYTES` (SST-2's 10 MB hash in ~10 ms); larger data is hashed only when a read fails.
+A mismatching file is named; a writable dataset is moved aside (`<name>_<key>.corrupt-<time>`,
+kept for inspection) and prepared again, a read-only one raises DataError with the commands that
+rebuild it. Data prepared before checksums existed is read through once, then gets its file.
+
 Reading: records are fetched as raw bytes from `as_data_source` and decoded here (a direct proto
 read, ~5 us a record, where tfds's generic numpy decoder takes ~100 us); a test checks both agree.
 tfds 4.9.10 resolves a builder's `code_path` through `importlib_resources`, which it only declares
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import io
@@ -39,6 +49,7 @@ import json
 import os
 import re
 import socket
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -56,6 +67,8 @@ from flaxen.errors import ConfigError, DataError
 
 FORMAT_VERSION = "1.1.0"
 TEXT_CHUNK_CHARS = 4096
+CHECKSUM_FILE = "flaxen_checksums.json"
+HASH_ALWAYS_BYTES = 256 << 20
 
 tfds.display_progress_bar(False)
 
@@ -174,6 +187,123 @@ def _sha256(path: str) -> str:
 
 def _safe_name(name: str) -> str:
     return re.sub(r"[^a-z0-9_]+", "_", name.lower()).strip("_") or "data"
+
+
+# ---------------------------------------------------------------- integrity of prepared data
+
+def _record_files(version_dir: str) -> list[str]:
+    return sorted(name for name in os.listdir(version_dir) if ".array_record" in name)
+
+
+def write_checksums(version_dir: str) -> None:
+    """Records size and sha256 of every array_record file of a prepared dataset (atomically)."""
+    files = {name: {"bytes": os.path.getsize(os.path.join(version_dir, name)),
+                    "sha256": _sha256(os.path.join(version_dir, name))} for name in _record_files(version_dir)}
+    path = os.path.join(version_dir, CHECKSUM_FILE)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w") as f:
+            json.dump({"format": 1, "algorithm": "sha256", "files": files}, f, indent=1, sort_keys=True)
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+
+
+def _unreadable(path: str) -> Optional[str]:
+    """Why the array_record file `path` cannot be read through, or None."""
+    from array_record.python import array_record_module
+    try:
+        reader = array_record_module.ArrayRecordReader(path, options="readahead_buffer_size:0")
+        try:
+            for start in range(0, reader.num_records(), 4096):
+                reader.read(list(range(start, min(start + 4096, reader.num_records()))))
+        finally:
+            reader.close()
+    except Exception as error:  # riegeli reports a damaged chunk as RuntimeError / ValueError / OSError
+        return f"unreadable: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
+    return None
+
+
+def check_prepared(version_dir: str, *, full: bool = False) -> Optional[tuple[str, str]]:
+    """(file, what is wrong) for the first damaged file of a prepared dataset, else None.
+
+    Compares sizes always and sha256 checksums when `full` or the files are small (see the module
+    docstring). Without a checksum file (data prepared before checksums existed), a writable
+    dataset's files are read through once and the checksum file is written."""
+    recorded_path = os.path.join(version_dir, CHECKSUM_FILE)
+    if not os.path.isfile(recorded_path):
+        if not _writable(version_dir):
+            return None  # read-only and unrecorded: a failed read still names the damaged file
+        for name in _record_files(version_dir):
+            problem = _unreadable(os.path.join(version_dir, name))
+            if problem:
+                return os.path.join(version_dir, name), problem
+        with contextlib.suppress(OSError):
+            write_checksums(version_dir)
+        return None
+    try:
+        with open(recorded_path) as f:
+            recorded = json.load(f)["files"]
+        sizes = {name: int(entry["bytes"]) for name, entry in recorded.items()}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return recorded_path, f"unreadable checksum file ({type(error).__name__}: {error})"
+    for name, size in sorted(sizes.items()):
+        path = os.path.join(version_dir, name)
+        if not os.path.isfile(path):
+            return path, "missing"
+        actual = os.path.getsize(path)
+        if actual != size:
+            return path, f"{actual:,} bytes where {size:,} were written{' (truncated)' if actual < size else ''}"
+    if full or sum(sizes.values()) <= HASH_ALWAYS_BYTES:
+        for name in sorted(sizes):
+            path = os.path.join(version_dir, name)
+            if _sha256(path) != recorded[name]["sha256"]:
+                return path, "its sha256 differs from the one recorded when it was prepared (damaged bytes)"
+    return None
+
+
+def _set_aside(config_dir: str, file: str, problem: str) -> str:
+    """Moves a damaged prepared dataset (its `<name>_<key>` directory) aside, keeping it, and
+    returns where it went; DataError with the commands to rebuild it when it cannot be moved."""
+    aside = stamp = f"{config_dir}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+    number = 1
+    while os.path.exists(aside):
+        number += 1
+        aside = f"{stamp}-{number}"
+    try:
+        if not _writable(os.path.dirname(config_dir)):
+            raise PermissionError(errno.EACCES, "read-only", os.path.dirname(config_dir))
+        os.rename(config_dir, aside)
+    except OSError as error:
+        raise DataError(
+            f"prepared data file {file} is corrupt ({problem}), and {config_dir} cannot be moved aside to rebuild it "
+            f"({error.strerror or error}). Rebuild it: as a user who can write {os.path.dirname(config_dir)}, run\n"
+            f"    mv '{config_dir}' '{aside}'\n"
+            "and run the same command again; or prepare the data in a folder you can write: add "
+            "data.prepared_dir=~/.cache/flaxen/prepared (or export FLAXEN_PREPARED_DIR=~/.cache/flaxen/prepared) to "
+            "the same command") from None
+    return aside
+
+
+def _repair(config_dir: str, found: tuple[str, str]) -> None:
+    file, problem = found
+    aside = _set_aside(config_dir, file, problem)
+    print(f"flaxen.data: prepared data file {file} is corrupt ({problem}); moved {config_dir} to {aside} "
+          "(kept for inspection) and preparing it again", flush=True)
+
+
+def _damaged_file_of(version_dir: str, split_file_part: str) -> Optional[tuple[str, str]]:
+    """After a failed read: the damaged file by checksum (or, without checksums, by reading each
+    file of the split through)."""
+    found = check_prepared(version_dir, full=True) if os.path.isfile(os.path.join(version_dir, CHECKSUM_FILE)) else None
+    if found is None:
+        for name in _record_files(version_dir):
+            if split_file_part in name:
+                problem = _unreadable(os.path.join(version_dir, name))
+                if problem:
+                    return os.path.join(version_dir, name), problem
+    return found
 
 
 # ---------------------------------------------------------------- reading prepared data
@@ -299,7 +429,13 @@ class PreparedDataset:
     def records(self, split: str) -> list[dict]:
         """Every record of `split`, in stored order (read once, then kept)."""
         if split not in self._cache:
-            records = read_split(self.builder, self._split(split), self.fields)
+            try:
+                records = read_split(self.builder, self._split(split), self.fields)
+            except (ConfigError, DataError):
+                raise
+            except Exception as error:
+                self._read_failed(split, error)
+                raise
             if not records:
                 raise DataError(f"split {split!r} of {self.path} is empty")
             if self.schema == "classification":
@@ -310,6 +446,19 @@ class PreparedDataset:
             self._cache[split] = records
         return self._cache[split]
 
+
+    def _read_failed(self, split: str, error: Exception) -> None:
+        """Raises DataError naming the damaged file when one of `split`'s files is; the dataset is moved
+        aside (when writable) so the next run prepares it again."""
+        found = _damaged_file_of(self.path, f"-{self._split(split)}.array_record")
+        if found is None:
+            return
+        file, problem = found
+        config_dir = os.path.dirname(self.path)
+        aside = _set_aside(config_dir, file, problem)
+        raise DataError(f"reading split {split!r} failed ({type(error).__name__}: {error}): prepared data file {file} "
+                        f"is corrupt ({problem}). Moved {config_dir} to {aside} (kept for inspection); run the same "
+                        "command again to prepare the data again") from error
 
     def texts(self, split: str) -> list[str]:
         """The split's text: chunks that concatenate to the corpus (text data), else one string per
@@ -604,9 +753,15 @@ def prepare(cfg: DataConfig, data_dir: str, presets=None) -> PreparedDataset:
     config_name = f"{_safe_name(cfg.name)}_{key}"
     version_dir = os.path.join(root, builder_cls.name, config_name, FORMAT_VERSION)
     with _locked(root, f"{builder_cls.name}-{config_name}"):
-        if not os.path.isfile(os.path.join(version_dir, "dataset_info.json")):
+        builder = None
+        if os.path.isfile(os.path.join(version_dir, "dataset_info.json")):
+            builder, found = _open_checked(version_dir)
+            if found is not None:
+                _repair(os.path.dirname(version_dir), found)
+                builder = None
+        if builder is None:
             _build(builder_cls, kind, cfg, files, root, config_name, key_material)
-    builder = tfds.builder_from_directory(version_dir)
+            builder = tfds.builder_from_directory(version_dir)
     schema = SCHEMAS[kind]
     fields = {"tagging": {"tokens": "tokens", "tags": "tags"}, "text": {"text": "text"},
               "qa": {k: k for k in QA_FIELDS},
@@ -619,6 +774,18 @@ def prepare(cfg: DataConfig, data_dir: str, presets=None) -> PreparedDataset:
                            split_names={s: s for s in builder.info.splits.keys()}, label_names=names,
                            tag_scheme=(cfg.convert_tag_scheme or cfg.tag_scheme) if schema == "tagging" else None,
                            regression=bool(cfg.regression) and schema == "classification")
+
+
+def _open_checked(version_dir: str):
+    """(tfds builder or None, damaged (file, problem) or None) of a prepared dataset."""
+    found = check_prepared(version_dir)
+    if found is not None:
+        return None, found
+    try:
+        with _absl_quiet():
+            return tfds.builder_from_directory(version_dir), None
+    except Exception as error:  # damaged dataset_info.json / features.json
+        return None, (version_dir, f"tfds cannot open it: {type(error).__name__}: {str(error).splitlines()[0]}")
 
 
 def _build(builder_cls, kind: str, cfg: DataConfig, files: dict[str, str], root: str, config_name: str,
@@ -652,6 +819,7 @@ def _build(builder_cls, kind: str, cfg: DataConfig, files: dict[str, str], root:
         with contextlib.suppress(OSError):
             os.rmdir(config_dir)
         raise
+    write_checksums(os.path.join(config_dir, FORMAT_VERSION))
 
 
 # ---------------------------------------------------------------- catalog datasets
@@ -684,6 +852,12 @@ def _unreachable(builder) -> list[str]:
 def _prepare_catalog(cfg: DataConfig, root: str) -> PreparedDataset:
     builder = _catalog_builder(cfg.tfds_name, root)
     with _locked(root, _safe_name(cfg.tfds_name)):
+        if builder.is_prepared():
+            version_dir = str(builder.data_dir)
+            found = check_prepared(version_dir)
+            if found is not None:
+                _repair(os.path.dirname(version_dir), found)
+                builder = _catalog_builder(cfg.tfds_name, root)
         if not builder.is_prepared():
             try:
                 hosts = _unreachable(builder)
@@ -703,6 +877,7 @@ def _prepare_catalog(cfg: DataConfig, root: str) -> PreparedDataset:
                     "local files instead: a data preset with data.source=conll|delimited|text|squad (e.g. data=sst2, "
                     "data=conll2003, data=shakespeare_char, data=squad) and data_dir (or FLAXEN_DATA_DIR) pointing at "
                     "the folder that holds them, e.g. <data_dir>/sst2/train.tsv.") from error
+            write_checksums(str(builder.data_dir))
     fields = dict(cfg.tfds_features)
     schema = ("qa" if "question" in fields else "tagging" if "tokens" in fields
               else "classification" if "label" in fields else "text")

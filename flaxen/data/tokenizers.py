@@ -9,6 +9,20 @@ off its post-processor once (the tokens without a word id in a probe encoding), 
 word alignment are done on plain id lists for every kind alike.
 
 `Tokenizer.encode` never adds special tokens; `single_template` / `pair_template` say what to add.
+
+Deterministic training: the same text always gives the same vocabulary, file for file. The
+`tokenizers` trainer (BPE, which WordPiece training runs) breaks ties between equally frequent
+pairs by token id, and WordPiece's continuation tokens ("##e", "##s", ...) got their ids in the
+iteration order of a Rust HashMap of the corpus words, which is seeded at random in every process:
+repeated SST-2 trainings gave different vocabularies, with one thread (RAYON_NUM_THREADS=1) too,
+and sorted input cannot help (the words are counted into that HashMap). flaxen first collects the
+continuation characters of the corpus (normalised and pre-tokenized in Python, ~0.1 s for SST-2's
+67k sentences, the only cost) and hands "##c" for each, in code-point order, to the trainer as
+extra special tokens, which take ids ahead of the alphabet; every id, hence every tie-break, is
+then fixed. The trained tokenizer is rebuilt with only the real special tokens as added tokens
+(the "##c" stay ordinary vocabulary entries). Byte-level BPE adds no tokens of its own (its
+256-byte alphabet is sorted) and was already deterministic. Trained tokenizers are cached in
+directories whose names end with `TRAINER_REVISION`, so vocabularies trained the old way are not reused.
 """
 from __future__ import annotations
 
@@ -27,6 +41,7 @@ ROLES = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
 WORD_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 BPE_SPECIALS = {"pad": "<pad>", "unk": "<unk>", "cls": "<s>", "sep": "</s>", "mask": "<mask>", "bos": "<s>",
                 "eos": "</s>"}
+TRAINER_REVISION = "det1"  # part of cached tokenizer directory names; change when training output changes
 
 
 class Template:
@@ -248,14 +263,18 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, min_freque
                     lowercase: bool = True) -> Tokenizer:
     """A WordPiece (BERT-style: normalizer, [CLS] A [SEP] template) or byte-level BPE (GPT-2-style,
     <s> A </s> template) vocabulary of `vocab_size` ids trained on `texts` with `tokenizers`."""
+    texts = texts if isinstance(texts, (list, tuple)) else list(texts)
+    continuation = []
     if kind == "wordpiece":
         specials = dict(WORD_SPECIALS)
         backend = hf_tokenizers.Tokenizer(models.WordPiece(unk_token=specials["unk"]))
         backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None)
         backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         backend.decoder = decoders.WordPiece(prefix="##")
+        continuation = [f"##{c}" for c in _continuation_chars(backend, texts)]
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=list(specials.values()), show_progress=False)
+                                            special_tokens=list(specials.values()) + continuation,
+                                            show_progress=False)
     elif kind == "bpe":
         specials = dict(BPE_SPECIALS)
         backend = hf_tokenizers.Tokenizer(models.BPE())
@@ -268,6 +287,8 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, min_freque
     else:
         raise ConfigError(f"data.tokenizer.kind={kind!r}: only wordpiece and bpe are trained")
     backend.train_from_iterator(texts, trainer=trainer)
+    if continuation:
+        backend = _without_added(backend, list(specials.values()))
     cls, sep = specials["cls"], specials["sep"]
     backend.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
@@ -275,9 +296,33 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, min_freque
     return Tokenizer(backend, specials, kind=kind)
 
 
+def _continuation_chars(backend: hf_tokenizers.Tokenizer, texts: Sequence[str]) -> list[str]:
+    """Characters that follow the first one in some word of `texts`, as the trainer sees words
+    (after `backend`'s normalizer and pre-tokenizer), in code-point order."""
+    normalize = backend.normalizer.normalize_str if backend.normalizer is not None else (lambda text: text)
+    split = backend.pre_tokenizer.pre_tokenize_str
+    # No normalizer or pre-tokenizer step reaches across an ASCII space, so the distinct
+    # space-separated pieces give the same words as the texts (at a fifth of the cost).
+    pieces = set()
+    for text in texts:
+        pieces.update(text.split(" "))
+    words = {word for piece in pieces for word, _ in split(normalize(piece))}
+    return sorted({c for word in words for c in word[1:]})
+
+
+def _without_added(trained: hf_tokenizers.Tokenizer, specials: list[str]) -> hf_tokenizers.Tokenizer:
+    """A trained WordPiece tokenizer whose added tokens are only `specials` (the "##c" tokens fed to
+    the trainer stay in the vocabulary as ordinary tokens, with their ids)."""
+    config = json.loads(trained.to_str())
+    config["added_tokens"] = [token for token in config["added_tokens"] if token["content"] in specials]
+    return hf_tokenizers.Tokenizer.from_str(json.dumps(config))
+
+
 def cached_trained_tokenizer(directory: str, kind: str, texts_fn, vocab_size: int, min_frequency: int,
                              lowercase: bool) -> Tokenizer:
-    """`train_tokenizer` once into `directory` (written to a temporary folder, then renamed), then reused."""
+    """`train_tokenizer` once into `<directory>_<TRAINER_REVISION>` (written to a temporary folder,
+    then renamed), then reused."""
+    directory = f"{directory.rstrip(os.sep)}_{TRAINER_REVISION}"
     if os.path.isfile(os.path.join(directory, "tokenizer.json")):
         return load_tokenizer(directory)
     tokenizer = train_tokenizer(kind, texts_fn(), vocab_size, min_frequency, lowercase)
