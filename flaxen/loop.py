@@ -599,8 +599,10 @@ def _results(cfg, status, step, current: _State, last_eval, best_metric, evaluat
 
 
 def _init_from(source: str, params, rest, log):
-    """`params` and `rest` with every tensor that `source`'s best checkpoint holds at the same
-    path, and a record of what was copied (kept in the checkpoints' meta and results.json).
+    """`params` and `rest` with every tensor that `source`'s best checkpoint (or the step its path
+    names) holds at the same path, and a record of what was loaded, kept in the checkpoints' meta and
+    results.json: the source run and step, whether the step was its best or given, tensors copied,
+    parameters restored, and the fresh parameters (paths and count).
 
     Frozen tensors (`rest`: a PEFT model's base weights) must all come from the source: they
     never train, so one left at its random initialisation is a mistake, not a fresh head."""
@@ -631,10 +633,22 @@ def _init_from(source: str, params, rest, log):
             f"init_from={source}: frozen parameters {', '.join(fresh_frozen)} are not in {directory}/{step}; "
             "they would never train from their random initialisation. Start from a checkpoint of the same "
             "base model, or train them (e.g. peft.modules_to_save)")
-    log(f"init_from {directory}/{step}: copied {copied + copied_frozen} tensors; "
+    fresh_count = _count_at(params, fresh)
+    total = modeling.count_parameters(params) + modeling.count_parameters(rest)
+    log(f"init_from {directory}/{step} ({'its best step' if chosen else 'the step given'}): copied "
+        f"{copied + copied_frozen} tensors ({total - fresh_count:,} parameters); "
         f"fresh: {', '.join(fresh) if fresh else 'none'}")
-    return params, rest, {"checkpoint": os.path.join(directory, str(step)), "copied": copied + copied_frozen,
-                          "fresh": fresh}
+    return params, rest, {"run": os.path.dirname(directory), "step": int(step),
+                          "chosen": "best" if chosen else "given", "checkpoint": os.path.join(directory, str(step)),
+                          "copied": copied + copied_frozen, "parameters_restored": int(total - fresh_count),
+                          "fresh": fresh, "parameters_fresh": int(fresh_count)}
+
+
+def _count_at(tree, paths: list[str]) -> int:
+    """Number of values in the leaves of `tree` whose dotted variable path is in `paths`."""
+    wanted = set(paths)
+    return int(sum(np.prod(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+                   if ".".join(checkpointing.variable_path(path)) in wanted))
 
 
 def _flatten(tree, prefix=""):

@@ -183,3 +183,33 @@ def test_keeps_last_k_and_best_and_stops_early(tmp_path, seq_task):
     assert results["best_eval"]["step"] == best_step
     assert results["checkpoints"]["steps"] == sorted({best_step, results["steps"]})
     assert results["checkpoints"]["best_step"] == best_step
+
+
+def test_init_from_takes_the_best_step_not_the_latest_and_records_what_it_loaded(tmp_path, seq_task):
+    """A source run whose best evaluation is its first (this toy run's validation loss rises from
+    step 4 to 12, so best_metric=loss picks step 4): init_from copies step 4, not the latest step
+    12, and results.json says so with the counts."""
+    source = tmp_path / "source"
+    loop.train(make_cfg(source, best_metric="loss", steps=12), task_data=seq_task)
+    ckpt = checkpoint.Checkpointer(os.path.join(source, "checkpoints"), read_only=True,
+                                   best_metric=("loss", "min"))
+    best, latest = ckpt.best_step(), ckpt.latest_step()
+    best_arrays = ckpt.restore_arrays(best)
+    latest_arrays = ckpt.restore_arrays(latest)
+    ckpt.close()
+    assert best == 4 and latest == 12
+    target = tmp_path / "target"
+    # only the head trains, so the backbone at the target's step 2 is exactly what init_from loaded
+    results = loop.train(make_cfg(target, init_from=str(source), steps=2, eval_every=0, log_every=1,
+                                  checkpoint_every=0), task_data=seq_task, trainable_filter=nnx.PathContains("head"))
+    record = results["init_from"]
+    assert record["run"] == str(source) and record["step"] == 4 and record["chosen"] == "best"
+    assert record["fresh"] == [] and record["parameters_fresh"] == 0
+    assert record["parameters_restored"] == results["parameters"]["total"]
+    start = checkpoint.Checkpointer(os.path.join(target, "checkpoints"), read_only=True)
+    loaded = start.restore_arrays(2)
+    start.close()
+    backbone = [key for key in best_arrays if key[0] == "backbone"]
+    assert backbone and any(not np.array_equal(best_arrays[k], latest_arrays[k]) for k in backbone)
+    for key in backbone:
+        np.testing.assert_array_equal(np.asarray(loaded[key]), np.asarray(best_arrays[key]), err_msg=".".join(key))
