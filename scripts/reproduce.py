@@ -199,6 +199,8 @@ def seed_record(name: str, seed: int) -> dict:
               "parameters": results["parameters"]["total"], "values": {}, "eval_files": {}}
     if results.get("unigram_entropy") is not None:
         record["unigram_entropy"] = results["unigram_entropy"]
+    if results.get("init_from") is not None:  # what a fine-tuning row started from (run, step, counts)
+        record["init_from"] = results["init_from"]
     for split in spec["splits"]:
         path = os.path.join(run_dir, f"eval_{split}.json")
         report = _read_json(path)
