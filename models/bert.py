@@ -93,7 +93,17 @@ class BertEncoder(nnx.Module):
 
 
 def run_block(block, x, mask, dropout_rng, *, remat: bool):
-    """Calls a block, rematerialising its activations in the backward pass when `remat`."""
+    """Calls a block, rematerialising its activations in the backward pass when `remat`.
+
+    Remat is `jax.checkpoint` over the block as a pure function of its variables: the block's
+    variables may come from different traces (trained parameters from inside `jax.grad`, frozen
+    ones such as a PEFT model's base weights from the enclosing `jit`), which `nnx.remat` refuses
+    to mix ("Cannot mutate Param from a different trace level")."""
     if remat:
-        return nnx.remat(lambda b, x, m, r: b(x, m, r))(block, x, mask, dropout_rng)
+        graphdef, variables = nnx.split(block)
+
+        def apply(variables, x, mask, dropout_rng):
+            return nnx.merge(graphdef, variables)(x, mask, dropout_rng)
+
+        return jax.checkpoint(apply)(variables, x, mask, dropout_rng)
     return block(x, mask, dropout_rng)

@@ -12,6 +12,10 @@ mesh, donated state, dropout keys folded from the step):
 Each case reports step time (median and mean over --steps timed steps), tokens/s and MFU: model
 FLOPs per step = 6 x non-embedding parameters x tokens + 12 x layers x batch x seq^2 x width,
 divided by step time and by the peak measured in this process.
+Every line also records what it was measured on and with: `cpu` (model and core count, as
+scripts/reproduce.py's host()), `git_commit`, `load_avg` (os.getloadavg() when the line was
+written: 1, 5 and 15 min; other processes' load slows the steps) and `data` (source, batch, seq,
+length_grouping: the train step cases run on one fixed batch of random token ids).
 `--torch` also times the PyTorch peers in this process (torch needed; transformers for minilm):
 Hugging Face's BertForSequenceClassification on the minilm case and nanoGPT's recipe
 (scripts/nanogpt_torch.py) on the gpt_nano case, alternating one flaxen step and one PyTorch step
@@ -38,10 +42,23 @@ import models  # noqa: E402
 from flaxen import modeling, sharding, state  # noqa: E402
 from flaxen.config import MeshConfig, OptimizerConfig  # noqa: E402
 from flaxen.state import RNG_IMPL  # noqa: E402
+from reproduce import git_commit, host  # noqa: E402  (scripts/ is on sys.path when this runs as a script)
+
+GIT_COMMIT = git_commit()
 
 
 def emit(row: dict) -> None:
-    print(json.dumps(row), flush=True)
+    """Prints `row` as one JSON line with the machine, code and load it was measured with."""
+    recorded = {"cpu": host(), "git_commit": GIT_COMMIT, "load_avg": [round(x, 2) for x in os.getloadavg()]}
+    print(json.dumps({**row, **recorded}), flush=True)
+
+
+def data_settings(source: str, batch: int | None = None, seq: int | None = None) -> dict:
+    """A line's `data`: what the step ran on. Fixed batches are never grouped by length."""
+    return {"source": source, "batch": batch, "seq": seq, "length_grouping": 0 if batch else None}
+
+
+RANDOM_IDS = "one fixed batch of random token ids"
 
 
 def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
@@ -159,7 +176,8 @@ def case_rows(args, peak: float, case: str, model, weights: str, task: str, opti
     return row, {"case": torch_case, "interleaved_with": case, "step_ms": round(median * 1000, 1),
                  "mean_step_ms": round(statistics.fmean(theirs) * 1000, 1),
                  "tokens_per_s": round(batch_size * seq / median, 1),
-                 "flaxen_speedup": round(median / timing["median_s"], 3), **torch_info}
+                 "flaxen_speedup": round(median / timing["median_s"], 3), **torch_info,
+                 "data": data_settings(RANDOM_IDS, torch_info["batch"], torch_info["seq"])}
 
 
 def minilm_case(args, peak: float, torch_step=None, torch_info=None) -> tuple[dict, dict | None]:
@@ -196,7 +214,7 @@ def _row(case, config, weights, batch_size, seq, timing, peak) -> dict:
             "step_ms": round(step * 1000, 1), "mean_step_ms": round(timing["mean_s"] * 1000, 1),
             "tokens_per_s": round(batch_size * seq / step, 1), "model_gflop_per_step": round(flops / 1e9, 2),
             "mfu": round(flops / step / (peak * 1e9), 4), "compile_s": round(timing["compile_s"], 1),
-            "loss": round(timing["loss"], 4), "dtype": config.dtype}
+            "loss": round(timing["loss"], 4), "dtype": config.dtype, "data": data_settings(RANDOM_IDS, batch_size, seq)}
 
 
 def torch_minilm_step(args):
@@ -257,7 +275,8 @@ def main():
     peak = matmul_peak()
     emit({"case": "host_f32_matmul_peak", "gflops": round(peak, 1), "devices": str(jax.devices()),
           "cpu_count": os.cpu_count(), "jax": jax.__version__,
-          "date": datetime.datetime.now().isoformat(timespec="seconds")})
+          "date": datetime.datetime.now().isoformat(timespec="seconds"),
+          "data": data_settings("two random normal 2048 x 2048 float32 matrices")})
     if "minilm" in cases:
         row, reference = minilm_case(args, peak, *(torch_minilm_step(args) if args.torch else (None, None)))
         emit(row)

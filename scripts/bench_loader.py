@@ -9,6 +9,10 @@ MiniLM), or the accelerator waits on the host. `--step` times flaxen's own jitte
 (steps.make_train_step, AdamW) on the same batches after compiling every bucket shape, and reports
 the ratio. Times exclude preparation (reported apart as prepare_s) and building the loader up to
 its first batch (which reads the split's records, first_batch_s). Data: --data-dir, else FLAXEN_DATA_DIR.
+Every line also records `cpu` (model and core count, as scripts/reproduce.py's host()), `git_commit`,
+`load_avg` (os.getloadavg() when the line was written: 1, 5 and 15 min) and `data`: the settings the
+batches were made with (source, batch size, seq = the padded lengths a batch can take, length_grouping
+as the task applies it, max_length, window_length, loader threads).
 """
 from __future__ import annotations
 
@@ -24,11 +28,24 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from flaxen import tasks  # noqa: E402
 from flaxen.data import as_data_config, load_task_data  # noqa: E402
+from reproduce import git_commit, host  # noqa: E402  (scripts/ is on sys.path when this runs as a script)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "data")
 PRESETS = {"sst2": "seq_cls", "conll2003": "token_cls", "shakespeare_char": "clm", "quickstart": "mlm",
            "quickstart_cls": "seq_cls"}
 MINILM_PRESETS = ("sst2", "conll2003")
+
+
+def recorded_with(commit: str | None) -> dict:
+    """The machine, code and load a line was measured with."""
+    return {"cpu": host(), "git_commit": commit, "load_avg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def data_settings(cfg, task, batch_size: int) -> dict:
+    """The settings the loader made its batches with (`task`: a flaxen Task)."""
+    return {"source": cfg.source, "batch": batch_size, "seq": task.buckets(cfg),
+            "length_grouping": task.length_grouping(cfg), "max_length": int(cfg.max_length),
+            "window_length": int(cfg.window_length), "loader_threads": int(cfg.loader_threads)}
 
 
 def minilm_path() -> str:
@@ -92,6 +109,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prepared-dir", default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    commit = git_commit()
     for name in args.presets:
         task = PRESETS[name]
         cfg = as_data_config(OmegaConf.load(os.path.join(CONFIGS, f"{name}.yaml")))
@@ -119,6 +137,8 @@ def main(argv=None) -> None:
             step_rate = time_train_step(task_data, task, args.batch_size, args.step_batches, args.seed)
             result["train_step_examples_per_s"] = round(step_rate, 1)
             result["loader_over_step"] = round(result["examples_per_s"] / step_rate, 1)
+        result["data"] = data_settings(task_data.cfg, tasks.get(task), args.batch_size)
+        result.update(recorded_with(commit))
         print(json.dumps(result), flush=True)
 
 

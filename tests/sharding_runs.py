@@ -7,13 +7,16 @@ three parts side by side). PART:
 - `bert` (8 devices): the BERT case on every mesh preset; the sharding of every parameter and
   optimizer leaf as the loop's functions place them (spec, shape, logical names), the bytes each
   device holds, and the shardings of one train step's outputs; the cross-mesh restore (the fsdp=8
-  checkpoint onto fsdp=8 and onto data=2 x tensor=4).
-- `gpt` (8 devices): the GPT case on every mesh preset; scripts/aot_compile.py's memory reports of
-  a small GPT for fsdp = 1, 2, 4, 8.
-- `reference` (1 device): both cases on a single device.
-Writes OUT_DIR/PART.json (per run: mesh shape and per-step losses; the rest as above),
-OUT_DIR/<case>_<mesh>.npz (final parameters and optimizer state of each run, from its checkpoint)
-and the run directories under OUT_DIR/runs/.
+  checkpoint onto fsdp=8 and onto data=2 x tensor=4); a LoRA model's train step on data=4 x
+  tensor=2 and on one device (`lora`).
+- `gpt` (8 devices): the GPT case with AdamW and with plain SGD on every mesh preset;
+  scripts/aot_compile.py's memory reports of a small GPT for fsdp = 1, 2, 4, 8.
+- `reference` (1 device): every case on a single device, and the GPT on the quickstart language
+  read through flaxen.data (the reference of the two-process run; its data is prepared under
+  OUT_DIR/data, where the two processes find it).
+Writes OUT_DIR/PART.json (per run: mesh shape, per-step losses and gradient norms; the rest as
+above), OUT_DIR/<case>_<mesh>.npz (final parameters of each run, from its checkpoint) and the run
+directories under OUT_DIR/runs/.
 """
 from __future__ import annotations
 
@@ -26,11 +29,13 @@ import sharding_cases as cases  # noqa: E402  (puts the repository on sys.path)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from flaxen import loop, modeling, optim, sharding, steps  # noqa: E402
+from flaxen import loop, modeling, optim, sharding, state, steps  # noqa: E402
+from flaxen.config import OptimizerConfig  # noqa: E402
 
 
 def spec_list(spec: PartitionSpec, ndim: int) -> list:
@@ -147,10 +152,59 @@ def run_case(out_dir: str, case: str, mesh: str | None, results: dict) -> str:
     run_dir = os.path.join(out_dir, "runs", name)
     cfg = cases.make_cfg(run_dir, case, mesh)
     loop.train(cfg, task_data=cases.task_data(case))
-    results["runs"][name] = {"mesh": dict(sharding.make_mesh(cfg.mesh).shape), "losses": cases.step_losses(run_dir)}
-    np.savez(os.path.join(out_dir, f"{name}.npz"), **cases.final_arrays(run_dir))
+    record_run(out_dir, name, cfg, run_dir, results)
     results["seconds"][name] = round(time.perf_counter() - tick, 1)
     return run_dir
+
+
+def record_run(out_dir: str, name: str, cfg, run_dir: str, results: dict) -> None:
+    """A finished run's mesh shape, per-step loss and gradient norm, and final parameters (npz)."""
+    results["runs"][name] = {"mesh": dict(sharding.make_mesh(cfg.mesh).shape), "losses": cases.step_losses(run_dir),
+                             "grad_norms": cases.step_values(run_dir, "grad_norm")}
+    np.savez(os.path.join(out_dir, f"{name}.npz"), **cases.final_arrays(run_dir))
+
+
+LORA = {"name": "lora", "rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["attention.*", "intermediate", "output"]}
+
+
+def lora_steps(out_dir: str) -> dict:
+    """One train step (flaxen.state, as the loop builds it; plain SGD, dropout on) of the BERT
+    tagger with LoRA on every projection, on data=4 x tensor=2 and on one device: the placed specs
+    and logical names of the trainable parameters, the step's loss and gradient norm, and the
+    updated trainable parameters (OUT_DIR/lora_<mesh>.npz)."""
+    from models import peft
+
+    case = "bert_token_cls"
+    cfg = cases.make_cfg(os.path.join(out_dir, "unused"), case, "dp_tp")
+    data = cases.task_data(case)
+    base, _ = modeling.build(cfg, data, log=lambda *a: None)
+    base = modeling.apply_peft(base, LORA, seed=0)
+    # B starts at zero (so A would get no gradient): give every LoRA factor random values
+    for i, (_, variable) in enumerate(nnx.to_flat_state(nnx.state(base, peft.PeftParam))):
+        variable.set_value(0.2 * jax.random.normal(jax.random.key(100 + i), variable.shape))
+    trainable = peft.trainable_filter(base)
+    batch = next(data.loader("train", cfg.batch_size, seed=0, train=True))
+    sgd = OptimizerConfig(**cases.PLAIN_SGD)
+    out = {"meshes": {}}
+    meshes = {"single": (sharding.make_mesh(OmegaConf.create({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1]),
+                         {}),
+              "dp_tp": (sharding.make_mesh(cfg.mesh), dict(cfg.mesh.logical_axis_rules))}
+    for name, (mesh, rules) in meshes.items():
+        graphdef, variables = nnx.split(base)
+        model = nnx.merge(graphdef, jax.tree.map(np.asarray, variables))  # host copies: the step donates its inputs
+        setup = state.build(model, "token_cls", mesh, rules, optimizer_cfg=sgd,
+                            schedule=optax.constant_schedule(sgd.lr), trainable_filter=trainable)
+        logical = {jax.tree_util.keystr(p): list(s) for p, s in jax.tree_util.tree_leaves_with_path(
+            nnx.get_partition_spec(setup.params), is_leaf=lambda x: isinstance(x, PartitionSpec))}
+        specs = {jax.tree_util.keystr(p): spec_list(a.sharding.spec, a.ndim)
+                 for p, a in jax.tree_util.tree_leaves_with_path(setup.params)}
+        params, _, metrics = setup.train_step(setup.params, setup.opt_state, setup.rest, setup.put_batch(batch),
+                                              np.int32(0), jax.random.key(0, impl=loop.RNG_IMPL))
+        np.savez(os.path.join(out_dir, f"lora_{name}.npz"),
+                 **{jax.tree_util.keystr(p): np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(params)})
+        out["meshes"][name] = {"mesh": dict(mesh.shape), "specs": specs, "logical": logical,
+                               "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}
+    return out
 
 
 def bert_part(out_dir: str, results: dict) -> None:
@@ -184,20 +238,33 @@ def bert_part(out_dir: str, results: dict) -> None:
     np.savez(os.path.join(out_dir, "restore_saved_mesh.npz"), **saved)
     results["seconds"]["restore"] = round(time.perf_counter() - tick, 1)
 
+    tick = time.perf_counter()
+    results["lora"] = lora_steps(out_dir)
+    results["seconds"]["lora"] = round(time.perf_counter() - tick, 1)
+
 
 def gpt_part(out_dir: str, results: dict) -> None:
-    """The GPT case on every mesh, and the ahead-of-time memory reports."""
-    for mesh in cases.MESHES:
-        run_case(out_dir, "gpt_clm", mesh, results)
+    """The GPT cases (AdamW, plain SGD) on every mesh, and the ahead-of-time memory reports."""
+    for case in ("gpt_clm", "gpt_clm_sgd"):
+        for mesh in cases.MESHES:
+            run_case(out_dir, case, mesh, results)
     tick = time.perf_counter()
     results["aot"] = aot_reports()
     results["seconds"]["aot"] = round(time.perf_counter() - tick, 1)
 
 
 def reference_part(out_dir: str, results: dict) -> None:
-    """Both cases on one device."""
+    """Every case on one device; the GPT on the quickstart language through flaxen.data."""
     for case in cases.CASES:
         run_case(out_dir, case, None, results)
+    tick = time.perf_counter()
+    data_dir = os.path.join(out_dir, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    run_dir = os.path.join(out_dir, "runs", "quickstart_single")
+    cfg = cases.quickstart_cfg(run_dir, data_dir)
+    loop.train(cfg)
+    record_run(out_dir, "quickstart_single", cfg, run_dir, results)
+    results["seconds"]["quickstart_single"] = round(time.perf_counter() - tick, 1)
 
 
 PARTS = {"bert": (bert_part, 8), "gpt": (gpt_part, 8), "reference": (reference_part, 1)}

@@ -1,10 +1,11 @@
 """flaxen.evaluate for tagging: sub-token predictions back to words (first sub-token per word,
-truncated words predicted O), entity scores against seqeval on an independently decoded copy."""
+truncated words predicted O), entity scores and the per-type report against seqeval on an
+independently decoded copy."""
 import jax
 import numpy as np
 import pytest
 from flax import nnx
-from seqeval.metrics import f1_score, precision_score, recall_score
+from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
 import models
 from flaxen import evaluate, modeling, steps
@@ -15,13 +16,19 @@ TINY = models.ModelConfig(family="bert", vocab_size=50, hidden_size=16, num_laye
 NAMES = ["O", "B-EVEN", "I-EVEN"]
 
 
+def tag_names(types):
+    return ["O"] + [f"{prefix}-{entity}" for entity in types for prefix in "BI"]
+
+
 class SubTokenData:
     """Sentences of words split into 1-2 sub-tokens; labels on first sub-tokens only; the last
-    words of long sentences cut off by a max length of 10 tokens (still counted in word_count)."""
+    words of long sentences cut off by a max length of 10 tokens (still counted in word_count).
+    Entities of the given `types` (IOB2 tags)."""
 
-    def __init__(self, seed=0, n=13, max_len=10):
+    def __init__(self, seed=0, n=13, max_len=10, types=("EVEN",)):
         rng = np.random.default_rng(seed)
-        self.label_names, self.tag_scheme = NAMES, "IOB2"
+        names = tag_names(types)
+        self.label_names, self.tag_scheme = names, "IOB2"
         self.tokenizer = None
         rows, self.gold = [], []
         for _ in range(n):
@@ -29,13 +36,15 @@ class SubTokenData:
             tags = ["O"] * words
             for i in range(words):
                 if rng.random() < 0.4:
-                    tags[i] = "I-EVEN" if i and tags[i - 1] != "O" and rng.random() < 0.5 else "B-EVEN"
+                    entity = types[int(rng.integers(len(types)))] if len(types) > 1 else types[0]
+                    inside = i and tags[i - 1][2:] == entity and rng.random() < 0.5
+                    tags[i] = f"I-{entity}" if inside else f"B-{entity}"
             ids, labels = [], []
             for word, tag in enumerate(tags):
                 pieces = int(rng.integers(1, 3))
                 for piece in range(pieces):
                     ids.append(int(rng.integers(2, 50)))
-                    labels.append(NAMES.index(tag) if piece == 0 else -100)
+                    labels.append(names.index(tag) if piece == 0 else -100)
             ids, labels = ids[:max_len], labels[:max_len]
             rows.append((ids, labels, words))
             self.gold.append(tags)
@@ -43,7 +52,7 @@ class SubTokenData:
 
     def records(self, split):
         """Stored sentences as the token_cls task reads them: one tag id per word."""
-        return [{"tags": [NAMES.index(t) for t in tags]} for tags in self.gold]
+        return [{"tags": [self.label_names.index(t) for t in tags]} for tags in self.gold]
 
     def loader(self, split, batch_size, *, seed=0, train=False, **kwargs):
         for start in range(0, len(self.rows), batch_size):
@@ -60,9 +69,12 @@ class SubTokenData:
                    "word_count": words, "valid": valid}
 
 
-def test_entity_scores_on_words_match_seqeval():
-    data = SubTokenData()
-    model = modeling.ModelSpec(TINY, "token_cls", 3).build(3)
+def evaluate_and_decode(data, seed=3):
+    """flaxen.evaluate's result on `data` with a fresh tagger, and the tagger's word tags decoded
+    independently (the whole split in one forward pass; the first sub-token's argmax per word, O for
+    words cut off)."""
+    names = data.label_names
+    model = modeling.ModelSpec(TINY, "token_cls", len(names)).build(seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     result = evaluate.evaluate(steps.make_eval_step(graphdef, "token_cls"), params, rest, data, "token_cls",
                                "validation", batch_size=4)
@@ -75,13 +87,39 @@ def test_entity_scores_on_words_match_seqeval():
     predicted = []
     for (ids, labels, words), logits in zip(data.rows, all_logits):
         first_pieces = [i for i, label in enumerate(labels) if label != -100]
-        tags = [NAMES[int(np.argmax(logits[i]))] for i in first_pieces]
+        tags = [names[int(np.argmax(logits[i]))] for i in first_pieces]
         predicted.append(tags + ["O"] * (words - len(tags)))
+    return result, predicted
+
+
+def test_entity_scores_on_words_match_seqeval():
+    data = SubTokenData()
+    assert data.label_names == NAMES
+    result, predicted = evaluate_and_decode(data)
     assert any(len(p) > sum(1 for l in labels if l != -100) for p, (_, labels, _) in zip(predicted, data.rows))
     assert result["num_examples"] == len(data.rows)
     assert result["f1"] == pytest.approx(f1_score(data.gold, predicted), abs=1e-12)
     assert result["precision"] == pytest.approx(precision_score(data.gold, predicted), abs=1e-12)
     assert result["recall"] == pytest.approx(recall_score(data.gold, predicted), abs=1e-12)
-    assert set(result["report"]) <= {"EVEN"}
+    assert set(result["report"]) == {"EVEN"}
     table = evaluate.format_table(result, "token_cls")
     assert "precision" in table and "f1" in table
+
+
+def test_the_report_has_one_row_per_entity_type_as_seqeval_counts_it():
+    """Two entity types: the report's rows are exactly the types (gold or predicted), each with
+    seqeval's precision, recall, F1 and support (gold entities of that type)."""
+    data = SubTokenData(seed=1, n=40, types=("LOC", "PER"))
+    result, predicted = evaluate_and_decode(data, seed=5)
+    expected = classification_report(data.gold, predicted, output_dict=True, zero_division=0)
+    types = {key for key in expected if not key.endswith(" avg")}
+    assert types == {"LOC", "PER"}
+    assert set(result["report"]) == types
+    for name in types:
+        row, reference = result["report"][name], expected[name]
+        assert row["support"] == reference["support"] > 0, name
+        for metric, theirs in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
+            assert row[metric] == pytest.approx(reference[theirs], abs=1e-12), (name, metric)
+    predicted_types = {tag[2:] for sentence in predicted for tag in sentence if tag != "O"}
+    assert predicted_types == types  # the tagger predicts both types, so both rows count predictions
+    assert sum(row["support"] for row in result["report"].values()) == expected["micro avg"]["support"]

@@ -1,5 +1,6 @@
 """models.generate against a second code path (full recomputation without a cache), PyTorch
-`generate` on the same random GPT-2, and hand-computed / transformers top-k and top-p filters."""
+`generate` on the same random GPT-2, hand-computed / transformers top-k and top-p filters, and the
+frequencies of sampled tokens against temperature and top-p as defined (binomial bounds at 5 sigma)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,3 +186,46 @@ def test_generate_argument_errors(gpt2, prompts):
     encoder = nnx.eval_shape(lambda: models.build_model(config))
     with pytest.raises(ConfigError, match="head='causal_lm'"):
         models.generate(encoder, ids, mask, max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------- sampling distribution
+
+
+def _nucleus(probs: np.ndarray, p: float) -> np.ndarray:
+    """The top-p distribution by its definition: the smallest set of most likely tokens whose
+    probabilities sum to at least p, renormalised; 0 elsewhere."""
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    size = int(np.searchsorted(cumulative, p)) + 1  # first index where the sum reaches p
+    kept = np.zeros_like(probs)
+    kept[order[:size]] = probs[order[:size]]
+    return kept / kept.sum()
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.5, None), (2.0, None), (1.5, 0.7)])
+def test_sampled_tokens_follow_temperature_and_top_p_by_definition(gpt2, prompts, full_logits, temperature, top_p):
+    """The first sampled token of each prompt, drawn 6000 times: its frequencies match
+    softmax(logits / temperature) (restricted to the top-p nucleus when top_p is given), with the
+    logits from the cache-free forward pass. Every count within 5 binomial standard deviations of
+    its expectation (+1 for the discreteness); tokens outside the nucleus never drawn."""
+    _, model = gpt2
+    ids, mask = prompts
+    rows = 6000
+    logits = np.asarray(full_logits(ids, mask), np.float64)[:, -1]
+    tiled_ids, tiled_mask = np.repeat(ids, rows, axis=0), np.repeat(mask, rows, axis=0)
+    out = np.asarray(models.generate(model, tiled_ids, tiled_mask, max_new_tokens=1, do_sample=True,
+                                     temperature=temperature, top_p=top_p, rng=jax.random.key(3)))
+    drawn = out[:, -1].reshape(len(ids), rows)
+    for prompt in range(len(ids)):
+        scaled = logits[prompt] / temperature
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        if top_p is not None:
+            probs = _nucleus(probs, top_p)
+            assert 1 < np.count_nonzero(probs) < len(probs)
+        counts = np.bincount(drawn[prompt], minlength=len(probs))
+        expected = rows * probs
+        bound = 5 * np.sqrt(rows * probs * (1 - probs)) + 1
+        assert (counts[probs == 0] == 0).all(), np.flatnonzero(counts[probs == 0])
+        assert (np.abs(counts - expected) <= bound).all(), (prompt, np.flatnonzero(np.abs(counts - expected) > bound))
+        assert probs.max() < 0.9  # a spread distribution: the temperature's effect is visible

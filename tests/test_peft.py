@@ -2,14 +2,12 @@
 
 References: the base model itself (LoRA with B = 0 and adapters with a zero up-projection are
 exact identities), a dense re-computation of the merged weights, a numpy attention for the
-prefix, the unsharded model for the mesh, and bitwise comparison for frozen weights.
+prefix, and bitwise comparison for frozen weights (the sharded LoRA model against the unsharded
+one: tests/test_sharding_mesh.py).
 """
 import dataclasses
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -449,51 +447,6 @@ def test_prefix_reparameterization_is_one_shared_mlp():
 
 
 # ----------------------------------------------------------------------------- mesh
-
-
-MESH_SCRIPT = textwrap.dedent("""
-    import jax, jax.numpy as jnp, numpy as np
-    from flax import nnx
-    import models
-    from models import peft
-    from flaxen import sharding
-    from omegaconf import OmegaConf
-    config = models.ModelConfig(family="bert", vocab_size=64, hidden_size=16, num_layers=1, num_heads=2,
-                                intermediate_size=32, max_position_embeddings=16)
-
-    @nnx.jit
-    def build():
-        model = models.build_model(config, "seq_cls", 3, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
-        peft.apply(model, {"name": "lora", "rank": 4, "target_modules": ["attention.*", "intermediate", "output"]},
-                   rngs=nnx.Rngs(jax.random.key(1, impl="rbg")))
-        for i, (_, v) in enumerate(nnx.to_flat_state(nnx.state(model, peft.PeftParam))):
-            v.set_value(0.2 * jax.random.normal(jax.random.key(i, impl="rbg"), v.shape))
-        return model
-
-    model = build()
-    ids = jnp.arange(24).reshape(4, 6) % 64
-    expected = np.asarray(nnx.jit(lambda m: m(ids).logits)(model))
-    mesh = sharding.make_mesh(OmegaConf.create({"data": 1, "fsdp": 1, "tensor": 2}))
-    rules = {"heads": "tensor", "mlp": "tensor"}
-    graphdef, params, frozen = nnx.split(model, peft.trainable_filter(model), ...)
-    shard = lambda s: jax.device_put(s, sharding.state_shardings(mesh, s, rules))
-    params, frozen = shard(params), shard(frozen)
-    b = params["backbone"]["layers"][0]["attention"]["query"]["lora_b"][...]
-    a = params["backbone"]["layers"][0]["output"]["lora_a"][...]
-    assert b.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", None), b.sharding
-    assert a.sharding.spec == jax.sharding.PartitionSpec("tensor", None), a.sharding
-    forward = jax.jit(lambda p, f, ids: nnx.merge(graphdef, p, f)(ids).logits)
-    np.testing.assert_allclose(np.asarray(forward(params, frozen, ids)), expected, atol=1e-5, rtol=0)
-    print("ok")
-""")
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("FLAXEN_SLOW") != "1", reason="slow (a JAX process of its own); FLAXEN_SLOW=1 runs it")
-def test_lora_on_a_two_device_mesh():
-    """PEFT parameters follow the sharding of the layer they adapt (2 CPU devices, own process).
-    test_peft_parameters_carry_the_adapted_layers_axis_names covers the axis names in the default run."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+# LoRA on a tensor-parallel mesh (its factors split like the layers they adapt, one train step equal
+# to the single-device one) runs in tests/test_sharding_mesh.py's 8-device process:
+# test_lora_trains_on_a_tensor_mesh_like_on_one_device.

@@ -4,11 +4,12 @@ memory reports, and two processes training as one.
 The runs happen in processes of their own (the device count is fixed when JAX starts):
 tests/sharding_runs.py's `bert` and `gpt` parts on 8 devices and its `reference` part on 1 device,
 started side by side; tests/sharding_multiprocess.py twice for the two-process run. The cases
-(tests/sharding_cases.py): a tiny BERT tagger with dropout and a tiny GPT causal LM, 10 steps of
-flaxen.loop on each mesh preset dp (data=8), fsdp (fsdp=8), dp_tp (data=4 x tensor=2) and
-dp_fsdp_tp (data=2 x fsdp=2 x tensor=2). Every process, the single-device reference included,
-compiles with COMPILE_FLAGS, which cut XLA's CPU code generation time about fourfold and leave the
-SPMD partitioning under test as it is.
+(tests/sharding_cases.py): a tiny BERT tagger with dropout and a tiny GPT causal LM with AdamW, and
+the GPT with plain SGD, 10 steps of flaxen.loop on each mesh preset dp (data=8), fsdp (fsdp=8),
+dp_tp (data=4 x tensor=2) and dp_fsdp_tp (data=2 x fsdp=2 x tensor=2); every step's loss and
+gradient norm and the final parameters are held to the single-device run's. Every process, the
+single-device reference included, compiles with COMPILE_FLAGS, which cut XLA's CPU code generation
+time about fourfold and leave the SPMD partitioning under test as it is.
 """
 from __future__ import annotations
 
@@ -76,6 +77,33 @@ def _arrays(out: str, name: str) -> dict:
         return {key: data[key] for key in data.files}
 
 
+# A sharded step sums its gradients, losses and norms over the shards in another order than one
+# device does: float32 rounding, about 1e-7 relative, so per-step losses and gradient norms agree
+# to rtol 1e-5 (a gradient summed instead of averaged over the 2-8 batch shards is off by 2-8x).
+STEP_RTOL = 1e-5
+# Final parameters, per element: relative to the value, with an absolute floor for entries near
+# zero (biases that start at 0, LayerNorm biases), whose value is itself a sum of rounded gradient
+# terms, so their error is absolute, not relative.
+#   plain SGD: x_10 = x_0 - lr * (g_1 + ... + g_10). The gradient norms are ~1 and agree to ~1e-7
+#     relative, so an entry drifts by a few lr * 1e-7 at most (observed: <= 4e-8 beyond rtol 1e-5):
+#     floor 1e-7 (float32's spacing at 1.0, where the LayerNorm scales sit), rtol 1e-5.
+#   AdamW: each entry's update is lr * m / sqrt(v), its gradient divided by its own RMS, which
+#     turns that ~1e-7 rounding noise into a larger update difference for entries whose gradient is
+#     near zero (observed: <= 6e-6): floor 2e-5 (0.1 % of the 0.02 weight scale, 1/150 of one
+#     update of lr 3e-3), rtol 1e-4. The SGD case is the one that sees a gradient's scale in the
+#     parameters: Adam's update is nearly invariant to it, and clipping (clip_norm=1) rescales it.
+PARAM_TOLERANCE = {"gpt_clm_sgd": dict(rtol=1e-5, atol=1e-7)}
+ADAM_PARAM_TOLERANCE = dict(rtol=1e-4, atol=2e-5)
+
+
+def _assert_same_run(run: dict, reference: dict, what: str) -> None:
+    """Per-step losses and gradient norms (metrics.jsonl, log_every=1) of `run` equal the reference's."""
+    assert len(run["losses"]) == len(run["grad_norms"]) == cases.STEPS
+    np.testing.assert_allclose(run["losses"], reference["losses"], rtol=STEP_RTOL, atol=0, err_msg=f"{what} loss")
+    np.testing.assert_allclose(run["grad_norms"], reference["grad_norms"], rtol=STEP_RTOL, atol=0,
+                               err_msg=f"{what} grad_norm")
+
+
 @pytest.mark.parametrize("case", list(cases.CASES))
 def test_every_mesh_trains_like_one_device(runs, case):
     out, results = runs
@@ -83,15 +111,45 @@ def test_every_mesh_trains_like_one_device(runs, case):
     assert reference["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
     assert reference["losses"][-1] < reference["losses"][0]
     expected = _arrays(out, f"{case}_single")
+    tolerance = PARAM_TOLERANCE.get(case, ADAM_PARAM_TOLERANCE)
     for mesh in cases.MESHES:
         run = results["runs"][f"{case}_{mesh}"]
         assert tuple(run["mesh"].values()) == cases.MESH_SHAPES[mesh], (mesh, run["mesh"])
-        np.testing.assert_allclose(run["losses"], reference["losses"], rtol=1e-4, atol=0, err_msg=f"{case} {mesh}")
+        _assert_same_run(run, reference, f"{case} {mesh}")
         final = _arrays(out, f"{case}_{mesh}")
         assert final.keys() == expected.keys()
         assert any(key.startswith("params/") for key in final)
         for key in expected:
-            np.testing.assert_allclose(final[key], expected[key], rtol=0, atol=1e-4, err_msg=f"{case} {mesh} {key}")
+            np.testing.assert_allclose(final[key], expected[key], **tolerance, err_msg=f"{case} {mesh} {key}")
+
+
+def test_lora_trains_on_a_tensor_mesh_like_on_one_device(runs):
+    """A LoRA model (every projection adapted, dropout on) on data=4 x tensor=2: each LoRA factor is
+    split over `tensor` where the layer it adapts is (its axis names under the dp_tp rules), and one
+    plain-SGD train step gives the single-device loss, gradient norm and updated parameters."""
+    out, results = runs
+    lora = results["lora"]["meshes"]
+    sharded, single = lora["dp_tp"], lora["single"]
+    assert sharded["mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
+    factors = [key for key in sharded["specs"] if "lora_" in key]
+    assert len(factors) == 2 * 2 * 6  # 2 layers x 6 adapted projections x (A, B)
+    assert set(sharded["specs"]) - set(factors) == {"['head']['dense']['kernel'].value", "['head']['dense']['bias'].value"}
+    for key in factors:
+        assert sharded["specs"][key] == [RULES_ONLY.get(name) for name in sharded["logical"][key]], key
+    # the shardings worked out by hand for the layer-0 factors
+    layer = "['backbone']['layers'][0]"
+    assert sharded["specs"][f"{layer}['attention']['query']['lora_b'].value"] == [None, "tensor", None]
+    assert sharded["specs"][f"{layer}['attention']['out']['lora_a'].value"] == ["tensor", None, None]
+    assert sharded["specs"][f"{layer}['intermediate']['lora_b'].value"] == [None, "tensor"]
+    assert sharded["specs"][f"{layer}['output']['lora_a'].value"] == ["tensor", None]
+    assert sharded["specs"][f"{layer}['attention']['query']['lora_a'].value"] == [None, None]
+    assert all(spec == [None] * len(spec) for spec in single["specs"].values())
+    assert sharded["loss"] == pytest.approx(single["loss"], rel=STEP_RTOL)
+    assert sharded["grad_norm"] == pytest.approx(single["grad_norm"], rel=STEP_RTOL)
+    expected, final = _arrays(out, "lora_single"), _arrays(out, "lora_dp_tp")
+    assert final.keys() == expected.keys() == sharded["specs"].keys()
+    for key in expected:
+        np.testing.assert_allclose(final[key], expected[key], **PARAM_TOLERANCE["gpt_clm_sgd"], err_msg=key)
 
 
 # The BERT tagger's parameters under the rules heads -> tensor, mlp -> tensor, and FSDP on the largest
@@ -186,7 +244,7 @@ def test_a_checkpoint_saved_under_fsdp8_restores_on_one_device_and_on_dp2_tp4(ru
         np.testing.assert_array_equal(on_one_device[key], saved[key], err_msg=key)
     trained_alone = _arrays(out, "bert_token_cls_single")
     for key, value in _by_variable_path(on_one_device).items():
-        np.testing.assert_allclose(value, trained_alone[key], rtol=0, atol=1e-4, err_msg=key)
+        np.testing.assert_allclose(value, trained_alone[key], **ADAM_PARAM_TOLERANCE, err_msg=key)
 
 
 def _restore_on_one_device(run_dir: str, case: str, mesh: str) -> dict:
@@ -237,15 +295,19 @@ def _free_port() -> int:
 
 
 def test_two_processes_train_like_one_device(runs, tmp_path):
-    """JAX's distributed runtime from flaxen's config over 2 processes x 2 CPU devices (data=4)."""
+    """JAX's distributed runtime from flaxen's config over 2 processes x 2 CPU devices (data=4), each
+    process reading its half of every batch through flaxen.data's per-process loader (quickstart
+    language), against the same config's run on one device and one process."""
     out, results = runs
     run_dir, port = str(tmp_path / "run"), _free_port()
+    data_dir = os.path.join(out, "data")  # prepared by the single-device reference run
     started = []
     for process_id in (0, 1):
         log_path = str(tmp_path / f"process{process_id}.log")
         with open(log_path, "w") as log:
             process = subprocess.Popen(
-                [sys.executable, os.path.join(TESTS, "sharding_multiprocess.py"), str(process_id), str(port), run_dir],
+                [sys.executable, os.path.join(TESTS, "sharding_multiprocess.py"), str(process_id), str(port), run_dir,
+                 data_dir],
                 env=_env(2), stdout=log, stderr=subprocess.STDOUT, cwd=cases.ROOT)
         started.append((process, log_path, f"process {process_id}"))
     for process, log_path, what in started:
@@ -255,12 +317,14 @@ def test_two_processes_train_like_one_device(runs, tmp_path):
     assert "process 1 of 2: 4 devices, 2 local, 10 steps" in logs[1]
     assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1}" in logs[0]
     assert "parameters:" not in logs[1] and "done:" not in logs[1]
-    reference = results["runs"]["gpt_clm_single"]
-    np.testing.assert_allclose(cases.step_losses(run_dir), reference["losses"], rtol=1e-4, atol=0)
+    reference = results["runs"]["quickstart_single"]
+    assert reference["losses"][-1] < reference["losses"][0]
+    run = {"losses": cases.step_losses(run_dir), "grad_norms": cases.step_values(run_dir, "grad_norm")}
+    _assert_same_run(run, reference, "two processes")
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         assert sum(1 for line in f if '"loss"' in line) == cases.STEPS
     final = _by_variable_path(_restore_on_one_device(run_dir, "gpt_clm", "dp"))
-    expected = _arrays(out, "gpt_clm_single")
+    expected = _arrays(out, "quickstart_single")
     assert final.keys() == expected.keys()
     for key in expected:
-        np.testing.assert_allclose(final[key], expected[key], rtol=0, atol=1e-4, err_msg=key)
+        np.testing.assert_allclose(final[key], expected[key], **ADAM_PARAM_TOLERANCE, err_msg=key)

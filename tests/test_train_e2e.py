@@ -1,6 +1,8 @@
 """train.py and eval.py through their entry functions on the generated quickstart data: pretrain a
 few steps, fine-tune from it (init_from), evaluate the best checkpoint, a chosen step, and reject
-bad eval requests by name."""
+bad eval requests by name. eval.py's choice of checkpoint on a run whose best step is not its
+last: no step (the best), step=N, checkpoint=PATH and model.pretrained=PATH, each against the
+validation metrics the loop logged at that step."""
 import importlib.util
 import json
 import os
@@ -145,3 +147,101 @@ def test_a_finished_run_is_returned_not_retrained(runs):
     assert cfg.steps == 4
     assert again == json.load(open(path))
     assert (os.path.getmtime(path), open(path).read()) == before
+
+
+# ---------------------------------------------------------------------- eval.py's choice of checkpoint
+
+
+@pytest.fixture(scope="module")
+def early_best(runs, tmp_path_factory):
+    """A run whose best checkpoint is not its last: best_metric=loss with best_mode=max makes the
+    highest validation loss the best, and training lowers the loss, so step 2 beats step 4. Its
+    metrics.jsonl holds what the loop evaluated at each step (the references for eval.py)."""
+    run_dir = str(tmp_path_factory.mktemp("early_best") / "run")
+    results = loop.train(config.compose(["experiment=quickstart", *SMALL, "steps=4", "eval_every=2",
+                                         "checkpoint_every=2", "log_every=1", "schedule.warmup_steps=1",
+                                         "best_metric=loss", "best_mode=max", f"data_dir={runs['data_dir']}",
+                                         f"run_dir={run_dir}"]))
+    logged = {}
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        row = json.loads(line)
+        scores = {key.split("/", 1)[1]: value for key, value in row.items() if key.startswith("validation/")}
+        if scores:
+            logged[row["step"]] = scores
+    return {"run_dir": run_dir, "results": results, "logged": logged, "data_dir": runs["data_dir"],
+            "eval": runs["eval"]}
+
+
+def _evaluate(early_best, *overrides):
+    # the run's eval batch size (SMALL): the batches fix the float32 summation order of the loss
+    # (with 64-row batches the loss agrees to ~2e-7, so perplexity = exp(loss) only to ~1e-6)
+    overrides = [*overrides, "split=validation", "eval_batch_size=16", f"data_dir={early_best['data_dir']}"]
+    return early_best["eval"].run(config.compose(overrides, config_name="eval"), overrides)
+
+
+def _assert_logged_at(report, early_best, step):
+    """eval.py's metrics over the whole validation split equal what the loop logged at `step`."""
+    logged = early_best["logged"][step]
+    assert set(logged) >= {"loss", "perplexity", "num_examples"}
+    for name, value in logged.items():
+        assert report["metrics"][name] == pytest.approx(value, rel=1e-6, abs=0), name
+
+
+def test_the_runs_best_step_is_not_its_last(early_best):
+    results, logged = early_best["results"], early_best["logged"]
+    assert results["status"] == "completed" and results["steps"] == 4
+    assert sorted(logged) == [2, 4] and logged[2]["loss"] > logged[4]["loss"]
+    assert results["best_eval"]["step"] == results["checkpoints"]["best_step"] == 2
+    assert results["checkpoints"]["steps"] == [2, 4]
+
+
+def test_eval_without_step_takes_the_best_checkpoint_and_step_n_takes_n(early_best):
+    run_dir = early_best["run_dir"]
+    best = _evaluate(early_best, f"run_dir={run_dir}")
+    assert best["step"] == 2 and best["checkpoint"] == os.path.join(run_dir, "checkpoints", "2")
+    _assert_logged_at(best, early_best, 2)
+    assert json.load(open(os.path.join(run_dir, "eval_validation.json")))["step"] == 2
+    last = _evaluate(early_best, f"run_dir={run_dir}", "step=4")
+    assert last["step"] == 4 and last["checkpoint"] == os.path.join(run_dir, "checkpoints", "4")
+    _assert_logged_at(last, early_best, 4)
+    chosen = _evaluate(early_best, f"run_dir={run_dir}", "step=2")
+    assert chosen["step"] == 2
+    _assert_logged_at(chosen, early_best, 2)
+
+
+def test_eval_of_a_checkpoint_path(early_best):
+    """checkpoint=PATH: a step directory is that step; a checkpoints directory its best step."""
+    checkpoints = os.path.join(early_best["run_dir"], "checkpoints")
+    report = _evaluate(early_best, f"checkpoint={os.path.join(checkpoints, '4')}")
+    assert report["step"] == 4 and report["run_dir"] == early_best["run_dir"]
+    _assert_logged_at(report, early_best, 4)
+    report = _evaluate(early_best, f"checkpoint={checkpoints}")
+    assert report["step"] == 2
+    _assert_logged_at(report, early_best, 2)
+
+
+def test_eval_of_a_pretrained_directory(early_best, tmp_path):
+    """model.pretrained=PATH: step 4's weights written as a Hugging Face directory
+    (models.save_pretrained, with the run's tokenizer beside them) evaluate to what the loop
+    logged at step 4, through models.load_pretrained instead of the checkpoint restore."""
+    import shutil
+
+    from flax import nnx
+
+    import models
+    from flaxen import modeling
+
+    run_dir = early_best["run_dir"]
+    graphdef, variables = nnx.split(modeling.read_spec(run_dir).build_abstract())
+    saved = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True)
+    model = nnx.merge(graphdef, modeling.fill(variables, saved.restore_arrays(4), "step 4"))
+    saved.close()
+    pretrained = models.save_pretrained(model, str(tmp_path / "hf"))
+    shutil.copytree(os.path.join(run_dir, "tokenizer"), pretrained, dirs_exist_ok=True)
+    assert os.path.isfile(os.path.join(pretrained, "config.json"))
+    report = _evaluate(early_best, "experiment=quickstart", "data.synthetic.num_train=300",
+                       "data.synthetic.num_validation=40", f"model.pretrained={pretrained}",
+                       f"output_dir={tmp_path / 'out'}")
+    assert report["pretrained"] == pretrained and "step" not in report
+    _assert_logged_at(report, early_best, 4)
+    assert os.path.isfile(tmp_path / "out" / "eval_validation.json")

@@ -1,6 +1,5 @@
 """flaxen.sharding on the one CPU device: mesh sizes, rules -> PartitionSpecs, state shardings."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -9,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 from omegaconf import OmegaConf
 
 import models
-from flaxen import optim, sharding
+from flaxen import sharding
 from flaxen.config import MeshConfig
 from flaxen.errors import ConfigError
 
