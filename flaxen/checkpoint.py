@@ -41,7 +41,6 @@ Integrity (a run must survive a kill during a save, a full disk and damaged file
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -53,6 +52,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from flaxen.errors import CheckpointError, StorageError
+from flaxen.data.raw import sha256_file
 
 ARRAY_ITEMS = ("params", "opt_state", "rest")
 JSON_ITEMS = ("meta", "data")
@@ -69,14 +69,6 @@ class CorruptCheckpointError(CheckpointError):
     def __init__(self, message: str, step: int, cause: str):
         super().__init__(message)
         self.step, self.cause = step, cause
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files_under(directory: str) -> list[str]:
@@ -208,7 +200,7 @@ class Checkpointer:
                     actual = os.path.getsize(path)
                     if actual != size:
                         return f"{name} has {actual:,} bytes where {size:,} were saved"
-                    if _sha256(path) != digest:
+                    if sha256_file(path) != digest:
                         return f"{name} differs from what was saved (sha256 mismatch: damaged bytes)"
                 except FileNotFoundError:
                     return f"{name} is missing"
@@ -232,7 +224,7 @@ class Checkpointer:
         files = {}
         for name in _files_under(step_dir):
             path = os.path.join(step_dir, name)
-            files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+            files[name] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
         path = os.path.join(step_dir, CHECKSUM_FILE)
         temporary = path + ".tmp"
         try:

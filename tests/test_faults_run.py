@@ -21,31 +21,19 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+import tiny_runs
 from flaxen import checkpoint, config, evaluation_run, loop, runlock, tasks
 from flaxen.errors import ConfigError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(family="bert", vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
-            max_position_embeddings=32, hidden_dropout=0.1, attention_dropout=0.1, name="tiny")
 SMALL = ["experiment=quickstart", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
          "model.num_layers=1", "data.synthetic.num_train=300", "data.synthetic.num_validation=40", "batch_size=8",
          "eval_batch_size=16", "eval_batches=2", "schedule.warmup_steps=1", "progress_bar=false", "tensorboard=false"]
 
 
 def make_cfg(run_dir, **overrides):
-    """A tiny seq_cls run on in-memory data (as tests/test_train_loop.py's)."""
-    cfg = OmegaConf.structured(config.TrainConfig)
-    cfg.model = OmegaConf.merge(cfg.model, TINY)
-    cfg.data.max_length, cfg.data.bucket_lengths, cfg.data.window_length = 16, [16], 16
-    cfg.task.name = "seq_cls"
-    cfg.run_dir, cfg.data_dir = str(run_dir), ROOT
-    settings = dict(steps=8, batch_size=8, log_every=2, eval_every=4, checkpoint_every=4, eval_batch_size=8,
-                    keep_checkpoints=5, progress_bar=False, tensorboard=False)
-    settings.update(overrides)
-    for key, value in settings.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    cfg.schedule.warmup_steps = 2
-    return cfg
+    """tests/tiny_runs.py's tiny seq_cls run, with the repository as data_dir (it must exist)."""
+    return tiny_runs.make_cfg(run_dir, data_dir=ROOT, **overrides)
 
 
 def rows(run_dir):

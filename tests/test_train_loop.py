@@ -7,27 +7,10 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from omegaconf import OmegaConf
 
-from flaxen import checkpoint, config, loop, modeling
+from flaxen import checkpoint, loop, modeling
 
-TINY = dict(family="bert", vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
-            max_position_embeddings=32, hidden_dropout=0.1, attention_dropout=0.1, name="tiny")
-
-
-def make_cfg(run_dir, task="seq_cls", **overrides):
-    cfg = OmegaConf.structured(config.TrainConfig)
-    cfg.model = OmegaConf.merge(cfg.model, TINY)
-    cfg.data.max_length, cfg.data.bucket_lengths, cfg.data.window_length = 16, [16], 16
-    cfg.task.name = task
-    cfg.run_dir, cfg.data_dir = str(run_dir), str(run_dir)
-    settings = dict(steps=8, batch_size=8, log_every=2, eval_every=4, checkpoint_every=4, eval_batch_size=8,
-                    keep_checkpoints=5, progress_bar=False, tensorboard=False)
-    settings.update(overrides)
-    for key, value in settings.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    cfg.schedule.warmup_steps = 2
-    return cfg
+from tiny_runs import TINY, make_cfg  # noqa: F401  (TINY: the model the configs build)
 
 
 def restore_state(run_dir, step, task_data, cfg):

@@ -177,14 +177,6 @@ def _absl_quiet():
         absl_logging.set_verbosity(verbosity)
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _safe_name(name: str) -> str:
     return re.sub(r"[^a-z0-9_]+", "_", name.lower()).strip("_") or "data"
 
@@ -198,7 +190,7 @@ def _record_files(version_dir: str) -> list[str]:
 def write_checksums(version_dir: str) -> None:
     """Records size and sha256 of every array_record file of a prepared dataset (atomically)."""
     files = {name: {"bytes": os.path.getsize(os.path.join(version_dir, name)),
-                    "sha256": _sha256(os.path.join(version_dir, name))} for name in _record_files(version_dir)}
+                    "sha256": raw.sha256_file(os.path.join(version_dir, name))} for name in _record_files(version_dir)}
     path = os.path.join(version_dir, CHECKSUM_FILE)
     temporary = f"{path}.{os.getpid()}.tmp"
     try:
@@ -258,7 +250,7 @@ def check_prepared(version_dir: str, *, full: bool = False) -> Optional[tuple[st
     if full or sum(sizes.values()) <= HASH_ALWAYS_BYTES:
         for name in sorted(sizes):
             path = os.path.join(version_dir, name)
-            if _sha256(path) != recorded[name]["sha256"]:
+            if raw.sha256_file(path) != recorded[name]["sha256"]:
                 return path, "its sha256 differs from the one recorded when it was prepared (damaged bytes)"
     return None
 
@@ -747,7 +739,8 @@ def prepare(cfg: DataConfig, data_dir: str, presets=None) -> PreparedDataset:
         return _prepare_catalog(cfg, root)
     kind, cfg, files = _local_source(cfg, data_dir, root, presets)
     key_material = {"builder": kind, "format": FORMAT_VERSION, "options": _options(cfg, kind),
-                    "files": {split: [os.path.basename(path), _sha256(path)] for split, path in sorted(files.items())}}
+                    "files": {split: [os.path.basename(path), raw.sha256_file(path)]
+                              for split, path in sorted(files.items())}}
     key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:16]
     builder_cls = BUILDERS[kind]
     config_name = f"{_safe_name(cfg.name)}_{key}"

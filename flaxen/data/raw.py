@@ -15,6 +15,7 @@ Labels stay strings here; the builder turns them into ids once the label set is 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -22,6 +23,15 @@ from typing import Collection, Optional
 
 from flaxen.data import tags as tag_schemes
 from flaxen.errors import DataError
+
+
+def sha256_file(path: str) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB blocks (raw data, prepared data, checkpoints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 DOCSTART = "-DOCSTART-"
 
