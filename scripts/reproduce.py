@@ -260,6 +260,7 @@ def reproduce(name: str, seeds: list[int], extra: list[str]) -> dict:
             commands.append(shell_command(evaluation))
         plot_loss_curve(run_dir, f"{name} (seed {seed})")
         records.append(seed_record(name, seed))
+        records[-1]["command_seconds"] = time.perf_counter() - start  # training and every eval.py of the seed
         print(f"[{name}] seed {seed}: {records[-1]['values']} in {time.perf_counter() - start:.0f}s", flush=True)
     report = row_record(name, records, commands)
     _write_json(os.path.join(RESULTS, f"{name}.json"), report)

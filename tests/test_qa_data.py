@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from flaxen import tasks
 from flaxen.data import DataConfig, TokenizerConfig, builders, raw
 from flaxen.data.config import check_config
 from flaxen.errors import ConfigError, DataError
@@ -197,7 +198,7 @@ def test_holdout_mistakes_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"data.holdout_groups=-1"):
         check_config(squad_config(tmp_path, holdout_groups=-1))
     with pytest.raises(ConfigError, match=r"data.doc_stride=64: .*fewer than data.max_length=64"):
-        check_config(squad_config(tmp_path, doc_stride=64))
+        tasks.get("qa").check_data_config(squad_config(tmp_path, doc_stride=64))
     with pytest.raises(ConfigError, match=r"data.doc_stride=-1"):
         check_config(squad_config(tmp_path, doc_stride=-1))
     assert not os.path.exists(tmp_path / "prepared" / "flaxen_squad" / "tiny_squad")

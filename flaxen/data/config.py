@@ -186,10 +186,10 @@ def check_config(cfg: DataConfig, task=None) -> None:
         raise ConfigError(f"data.length_grouping={cfg.length_grouping}: expected 0 (off) or a number of batches")
     if cfg.loader_threads < 0:
         raise ConfigError(f"data.loader_threads={cfg.loader_threads}: expected 0 or more")
-    # (the qa task checks doc_stride < max_length for catalog data too: Task.check_data_config)
-    if cfg.doc_stride < 0 or (cfg.source == "squad" and cfg.doc_stride >= cfg.max_length):
+    # (doc_stride < max_length is the qa task's check: flaxen.tasks.qa, Task.check_data_config)
+    if cfg.doc_stride < 0:
         raise ConfigError(f"data.doc_stride={cfg.doc_stride}: expected 0 or more tokens shared by consecutive "
-                          f"windows, fewer than data.max_length={cfg.max_length}")
+                          "windows")
     _check_holdout(cfg)
 
 

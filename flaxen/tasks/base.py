@@ -37,7 +37,7 @@ import numpy as np
 
 from flaxen.errors import ConfigError
 
-IGNORE_INDEX = -100
+from flaxen.data.encoding import IGNORE_INDEX  # noqa: F401  (the tasks' label for "not scored")
 
 _REGISTRY: dict[str, "Task"] = {}
 
@@ -192,6 +192,17 @@ class Task:
 
 # ---------------------------------------------------------------------- shared pieces of tasks
 
+def epochs(items, train: bool, seed: int, salt: int):
+    """grain MapDataset over `items`: for training shuffled per epoch from (seed, salt) and endless,
+    for evaluation in stored order. Each task's stream of randomness takes a salt of its own."""
+    import grain
+
+    from flaxen.data.pipeline import seed32
+
+    rows = grain.MapDataset.source(items)
+    return rows.shuffle(seed=seed32(seed, salt)).repeat(None) if train else rows
+
+
 def token_cross_entropy(logits, labels):
     """Per-position cross-entropy (float32) where labels != IGNORE_INDEX, 0 elsewhere, and that mask.
 
@@ -247,14 +258,7 @@ class RecordTask(Task):
         raise NotImplementedError
 
     def rows(self, data: Any, split: str, train: bool, seed: int):
-        import grain
-
-        from flaxen.data.pipeline import seed32
-
-        rows = grain.MapDataset.source(data.records(split))
-        if train:
-            rows = rows.shuffle(seed=seed32(seed, 5)).repeat(None)
-        return rows.map(lambda record: self.row(data, record))
+        return epochs(data.records(split), train, seed, salt=5).map(lambda record: self.row(data, record))
 
     def length_grouping(self, cfg: Any) -> int:
         return int(cfg.length_grouping)

@@ -12,7 +12,7 @@ import numpy as np
 
 from flaxen.data import encoding
 from flaxen.errors import ConfigError, DataError
-from flaxen.tasks.base import IGNORE_INDEX, register
+from flaxen.tasks.base import IGNORE_INDEX, epochs, register
 from flaxen.tasks.language_model import LanguageModelTask
 
 
@@ -43,13 +43,9 @@ class MaskedLanguageModel(LanguageModelTask):
             raise ConfigError("task mlm needs a tokenizer with a mask token; this one has none")
 
     def rows(self, data: Any, split: str, train: bool, seed: int):
-        import grain
-
         from flaxen.data.pipeline import seed32
 
-        rows = grain.MapDataset.source(packs(data, split))
-        if train:
-            rows = rows.shuffle(seed=seed32(seed, 2)).repeat(None)
+        rows = epochs(packs(data, split), train, seed, salt=2)
         tokenizer, probability = data.tokenizer, data.cfg.mlm_probability
         random_ids = data.cached("random_ids", lambda: np.asarray(
             sorted(set(range(tokenizer.vocab_size)) - set(tokenizer.special_ids)), np.int32))

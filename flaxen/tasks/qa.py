@@ -39,7 +39,7 @@ import numpy as np
 from flaxen import metrics
 from flaxen.data import encoding
 from flaxen.errors import ConfigError, DataError
-from flaxen.tasks.base import Task, register
+from flaxen.tasks.base import Task, epochs, register
 
 # salt of the train shuffle's grain seed (flaxen.data.pipeline.seed32)
 SHUFFLE_SALT = 7
@@ -220,14 +220,7 @@ class QuestionAnswering(Task):
 
     def rows(self, data: Any, split: str, train: bool, seed: int):
         """grain MapDataset of the split's features (train: shuffled per epoch, endless)."""
-        import grain
-
-        from flaxen.data.pipeline import seed32
-
-        rows = grain.MapDataset.source(self.split_features(data, split))
-        if train:
-            rows = rows.shuffle(seed=seed32(seed, SHUFFLE_SALT)).repeat(None)
-        return rows
+        return epochs(self.split_features(data, split), train, seed, salt=SHUFFLE_SALT)
 
     def num_examples(self, data: Any, split: str) -> int:
         """Features (windows) of one ordered pass; a question has one or more."""
