@@ -1,7 +1,7 @@
 """Typed config schema for train.py and eval.py, registered in Hydra's ConfigStore.
 
 Why: Hydra composes configs/config.yaml from its groups (model/ task/ data/ optimizer/ schedule/
-peft/ mesh/ experiment/) on top of the dataclass `TrainConfig`, so a misspelled key or a value of
+peft/ privacy/ mesh/ experiment/) on top of the dataclass `TrainConfig`, so a misspelled key or a value of
 the wrong type fails at composition, naming the key, before any data or model is touched.
 `validate` then checks what types cannot (choices, divisibility, ranges) and raises ConfigError.
 
@@ -23,6 +23,11 @@ from flaxen import tasks
 from flaxen.data import DataConfig
 from flaxen.data.config import check_config as check_data_config
 from flaxen.errors import ConfigError
+from flaxen.logging import check_loggers
+from flaxen.privacy import PrivacyConfig
+from flaxen.privacy import check_config as check_privacy_config
+from flaxen.pruning import PruneConfig
+from flaxen.pruning import check_config as check_prune_config
 
 import models
 from models import peft
@@ -111,11 +116,15 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    # configs/peft/*.yaml: `name` (none | lora | adapter | prefix | bitfit) and that method's keys,
-    # checked by models.peft.from_dict in `validate` (the keys differ per method)
+    # configs/peft/*.yaml: `name` (none | lora | adapter | prefix | bitfit | adalora | prompt | ia3) and that
+    # method's keys, checked by models.peft.from_dict in `validate` (the keys differ per method)
     peft: Any = field(default_factory=lambda: {"name": "none"})
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # configs/privacy/*.yaml: none | dp_sgd (differentially private training; flaxen/privacy.py)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    # configs/prune/*.yaml: none | gradual (gradual magnitude pruning; flaxen/pruning.py)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     experiment_name: str = "default"
     seed: int = 0
     data_dir: str = MISSING
@@ -135,7 +144,10 @@ class TrainConfig:
     best_mode: Optional[str] = None
     early_stopping_patience: Optional[int] = None
     progress_bar: bool = True
-    tensorboard: bool = True
+    # where metrics go besides metrics.jsonl (always written): tensorboard, wandb (flaxen.logging)
+    loggers: List[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: Optional[str] = None  # null: WANDB_PROJECT, else "flaxen"
+    wandb_entity: Optional[str] = None   # null: WANDB_ENTITY, else wandb's default entity
 
 
 @dataclass
@@ -203,7 +215,7 @@ def validate(cfg) -> None:
     task = tasks.get(cfg.task.name)
     _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     _choice("schedule.name", cfg.schedule.name, SCHEDULES)
-    peft.from_dict(cfg.peft)
+    peft.for_run(cfg.peft, cfg.steps)
     for key in ("steps", "batch_size", "eval_batch_size", "keep_checkpoints"):
         _positive(key, cfg[key])
     for key in ("log_every", "eval_every", "checkpoint_every", "schedule.warmup_steps"):
@@ -214,6 +226,7 @@ def validate(cfg) -> None:
     _positive("task.num_labels", cfg.task.num_labels)
     _positive("task.n_best_size", cfg.task.n_best_size)
     _positive("task.max_answer_length", cfg.task.max_answer_length)
+    check_loggers(cfg.loggers)
     if cfg.micro_batch_size is not None and cfg.batch_size % cfg.micro_batch_size:
         raise ConfigError(
             f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size} "
@@ -233,12 +246,31 @@ def validate(cfg) -> None:
     check_data_config(cfg.data, task)
     task.check_data_config(cfg.data)
     task.check_config(cfg)
+    check_privacy_config(cfg, task)
+    check_prune_config(cfg)
     length = task.row_length(cfg.data)
     if cfg.model.pretrained is None and length > cfg.model.max_position_embeddings:
         raise ConfigError(f"data.{task.length_key}={length} exceeds model.max_position_embeddings="
                           f"{cfg.model.max_position_embeddings}")
     if cfg.init_from is not None and cfg.model.pretrained is not None:
         raise ConfigError("init_from and model.pretrained are both set: choose one starting point")
+    check_prompt_config(cfg, length, task.length_key)
+
+
+def check_prompt_config(cfg, length: int, length_key: str) -> None:
+    """Prompt tuning: the virtual tokens need positions too, and a text initialisation needs the
+    word embeddings the run starts from (init_from copies them in only after the model is built)."""
+    config = peft.from_dict(cfg.peft)
+    if not isinstance(config, peft.PromptTuningConfig):
+        return
+    v = config.num_virtual_tokens
+    if cfg.model.pretrained is None and length + v > cfg.model.max_position_embeddings:
+        raise ConfigError(f"peft.num_virtual_tokens={v}: data.{length_key}={length} + {v} virtual tokens exceeds "
+                          f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
+    if cfg.init_from is not None and config.prompt_tuning_init == "text":
+        raise ConfigError("peft.prompt_tuning_init=text with init_from: the text's embeddings would be read from the "
+                          "freshly initialised model before init_from copies its weights in; use model.pretrained, "
+                          "or peft.prompt_tuning_init=random")
 
 
 def check_data_dir(cfg) -> None:
@@ -259,6 +291,17 @@ def check_data_dir(cfg) -> None:
     raise ConfigError(f"data_dir={path!r}{origin} {what}: set data_dir=PATH or FLAXEN_DATA_DIR to the folder "
                       "that holds the data (e.g. <data_dir>/sst2/train.tsv for data=sst2), or create the folder "
                       "first for generated data")
+
+
+def load_saved(path: str) -> DictConfig:
+    """A run directory's config.yaml, with the keys of earlier flaxen versions replaced by theirs
+    today: `tensorboard: true | false` became `loggers: [tensorboard] | []`."""
+    saved = OmegaConf.load(path)
+    if isinstance(saved, DictConfig) and "tensorboard" in saved:
+        tensorboard = saved.pop("tensorboard")
+        if "loggers" not in saved:
+            saved.loggers = ["tensorboard"] if tensorboard else []
+    return saved
 
 
 def to_container(cfg) -> dict:

@@ -15,38 +15,12 @@ import os
 from typing import Any
 
 import jax
-from flax import nnx
-from omegaconf import OmegaConf
 
-from flaxen import checkpoint as checkpointing
 from flaxen import config as config_lib
 from flaxen import evaluate as evaluation
 from flaxen import logging as run_logging
-from flaxen import modeling, sharding, state, tasks
+from flaxen import inference, modeling, sharding, state, tasks
 from flaxen.errors import ConfigError
-
-EVAL_KEYS = ("run_dir", "split", "checkpoint", "step", "output_dir")
-GROUPS = ("model", "task", "data", "optimizer", "schedule", "peft", "mesh", "experiment")
-
-
-def _run_config(run_dir: str, overrides: list[str]):
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise checkpointing.CheckpointError(f"{path} not found: {run_dir} is not a flaxen run directory")
-    cfg = OmegaConf.merge(OmegaConf.structured(config_lib.TrainConfig), OmegaConf.load(path))
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    for override in OverridesParser.create().parse_overrides(overrides):
-        key = override.key_or_group
-        if key in EVAL_KEYS or key.startswith("hydra"):
-            continue
-        if key in GROUPS:
-            raise ConfigError(f"{override.input_line}: a trained run keeps its own {key}; "
-                              "override single keys instead (e.g. data_dir=..., eval_batch_size=...)")
-        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
-            raise ConfigError(f"{override.input_line}: key {key!r} is not in the run's config")
-        OmegaConf.update(cfg, key, override.value(), merge=False)
-    return cfg
 
 
 def _load_task_data(cfg, run_dir=None):
@@ -63,32 +37,10 @@ def evaluate_from_config(cfg: Any, overrides: list[str]) -> dict:
     if source is None and cfg.model.pretrained is None:
         raise ConfigError("nothing to evaluate: give run_dir=PATH, checkpoint=PATH or model.pretrained=PATH")
     if source is not None:
-        directory, path_step = checkpointing.find_checkpoint_dir(source)
-        run_dir = os.path.dirname(directory)
-        train_cfg = _run_config(run_dir, overrides)
+        run = inference.load_run(source, step=cfg.step, overrides=overrides, verb="Evaluate")
+        run_dir, train_cfg, model = run.run_dir, run.cfg, run.model
         task_data = _load_task_data(train_cfg, run_dir)
-        ckpt = checkpointing.Checkpointer(directory, read_only=True, best_metric=config_lib.best_metric(train_cfg))
-        step = cfg.step if cfg.step is not None else path_step if path_step is not None else ckpt.best_step()
-        if step is None:
-            raise checkpointing.CheckpointError(f"no checkpoint in {directory}")
-        spec = modeling.read_spec(run_dir)
-        abstract = spec.build_abstract()
-        graphdef, variables = nnx.split(abstract)
-        try:
-            arrays = ckpt.restore_arrays(step)
-        except checkpointing.CorruptCheckpointError as error:  # read-only: report, move nothing
-            others = [s for s in ckpt.all_steps() if s != step]
-            best = cfg.step is None and path_step is None
-            raise checkpointing.CheckpointError(
-                f"{'the best step of the run, ' if best else ''}checkpoint {directory}/{step}, is corrupt: "
-                f"{error.cause}. "
-                + (f"Evaluate another step with step=N (saved steps: {', '.join(map(str, others))})" if others
-                   else "The run has no other checkpoint")) from error
-        finally:
-            ckpt.close()
-        variables = modeling.fill(variables, arrays, f"checkpoint {directory}/{step}")
-        model = nnx.merge(graphdef, variables)
-        origin = {"run_dir": run_dir, "checkpoint": os.path.join(directory, str(step)), "step": step}
+        origin = {"run_dir": run_dir, "checkpoint": run.checkpoint, "step": run.step}
         output_dir = cfg.output_dir or run_dir
     else:
         config_lib.validate(cfg)

@@ -1,11 +1,23 @@
-"""Run outputs a researcher watches: metrics.jsonl, TensorBoard events and the progress bar.
+"""Run outputs a researcher watches: metrics.jsonl, TensorBoard events, a W&B run and the progress bar.
 
-Why: one writer sends every logged row to both sinks, so the JSON lines (for scripts) and
-TensorBoard (for eyes) never disagree. tensorboardX writes event files without TensorFlow.
+Why: one writer sends every logged row to every sink, so the JSON lines (for scripts),
+TensorBoard and Weights & Biases (for eyes) never disagree. tensorboardX writes event files
+without TensorFlow; wandb (the `wandb` extra) is imported only when a run asks for it.
 
-- `MetricsWriter(run_dir, tensorboard=True)`: `write(step, {"loss": ..., "validation/f1": ...})`
-  appends `{"step": step, ...}` to <run_dir>/metrics.jsonl and adds each scalar to TensorBoard
-  under its key (train rows are prefixed `train/` there).
+- `MetricsWriter(run_dir, loggers=("tensorboard",), config=cfg, start_step=0)`:
+  `write(step, {"loss": ..., "validation/f1": ...})` appends `{"step": step, ...}` to
+  <run_dir>/metrics.jsonl (always) and sends each numeric scalar to the `loggers` (LOGGERS:
+  tensorboard, wandb) under its key, train rows (keys without `/`) prefixed `train/`, at `step`.
+  `close()` closes the sinks (the W&B run is finished). Only an `enabled` writer (process 0)
+  writes anything.
+- The W&B sink (`loggers` holds wandb): `wandb.init` with `dir=run_dir` (offline files land in
+  RUN_DIR/wandb/), the config `cfg` resolved plus `git_commit` (also in the run summary), name
+  `<experiment_name>/<run directory name>`, group `experiment_name`, project `wandb_project`
+  (null: WANDB_PROJECT, else "flaxen"), entity `wandb_entity` (null: WANDB_ENTITY / wandb's
+  default) and `resume="allow"` with the id kept in RUN_DIR/wandb_id, so a resumed flaxen run
+  continues its W&B run. A start at step 0 (a new run, or a restart without checkpoint) takes a
+  new id. WANDB_MODE=offline needs no network or account (`wandb sync RUN_DIR/wandb/offline-run-*`
+  uploads later).
 - `ProgressBar(total, initial)`: tqdm with loss, learning rate and tokens/s in its postfix.
 - `write_json(path, obj)` / `write_text(path, text)`: atomic writes (temporary file, then rename);
   `append_jsonl(path, row)`: one JSON line appended (commands.jsonl).
@@ -17,6 +29,14 @@ TensorBoard (for eyes) never disagree. tensorboardX writes event files without T
   every events file of a directory as one run, so a superseded file left in place would draw
   both the old and the resumed curve over the same steps. Moved into a subdirectory, the old
   points stay available and TensorBoard shows them as a separate run named `superseded`.
+  W&B history cannot be truncated: online, a resumed W&B run continues after the last step it
+  holds, and wandb drops (with a warning: "Tried to log to step N that is less than the current
+  step M") the resumed start's points at steps up to the last step the earlier start logged, so
+  between the checkpoint and that step W&B keeps the earlier start's points while metrics.jsonl
+  and TensorBoard hold the resumed start's. Offline, each start writes its own
+  RUN_DIR/wandb/offline-run-<time>-<id>/ directory with the same id; the resumed start's history
+  there begins right after the checkpoint step.
+- `git_commit()`: the commit flaxen's checkout is at (None outside a git checkout of flaxen).
 - `peak_memory()`: the accelerator's peak bytes in use where the backend reports it, else this
   process's peak resident memory (results.json records it).
 """
@@ -28,12 +48,16 @@ import math
 import os
 import stat
 import struct
+import subprocess
 import sys
 import tempfile
 
 from tqdm.auto import tqdm
 
-from flaxen.errors import StorageError
+from flaxen.errors import ConfigError, StorageError
+
+LOGGERS = ("tensorboard", "wandb")  # the `loggers` choices; metrics.jsonl is always written
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # flaxen's checkout (setup.cfg's folder)
 
 
 def _jsonable(value):
@@ -59,6 +83,20 @@ def peak_memory() -> dict:
         return {"bytes": int(stats["peak_bytes_in_use"]), "kind": f"{jax.default_backend()} peak bytes in use"}
     scale = 1 if sys.platform == "darwin" else 1024
     return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "kind": "host peak RSS"}
+
+
+def git_commit() -> str | None:
+    """`git rev-parse HEAD` of flaxen's checkout; None when flaxen is not a git checkout's top level
+    (an installed copy inside some other repository must not report that repository's commit)."""
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        if os.path.realpath(top) != os.path.realpath(ROOT):
+            return None
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 @contextlib.contextmanager
@@ -185,17 +223,106 @@ def truncate_metrics(run_dir: str, step: int) -> tuple[int, int]:
         return dropped, _truncate_events(board, step)
 
 
+def check_loggers(loggers) -> list[str]:
+    """`loggers` as a list of names; ConfigError naming the key for a name outside LOGGERS, a name
+    given twice, or wandb without its package."""
+    names = [] if loggers is None else [loggers] if isinstance(loggers, str) else list(loggers)
+    choices = ", ".join(LOGGERS)
+    for name in names:
+        if name not in LOGGERS:
+            raise ConfigError(f"loggers={names}: {name!r} is not a logger; expected a list of {choices} "
+                              "(e.g. loggers=[tensorboard,wandb]; loggers=[] writes only metrics.jsonl)")
+        if names.count(name) > 1:
+            raise ConfigError(f"loggers={names}: {name!r} is listed twice; expected each of {choices} at most once")
+    if "wandb" in names:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("loggers includes wandb but the wandb package is not installed: "
+                              "pip install 'flaxen[wandb]' (or pip install -e \".[wandb]\" in a checkout)")
+    return names
+
+
+def _scalars(row: dict) -> dict:
+    """{tag: value} of a metrics row's numbers (not booleans, not the step): a key without `/` (a
+    train row's) becomes train/<key>; an evaluation's <split>/<metric> stays as it is."""
+    return {key if "/" in key else f"train/{key}": value for key, value in row.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+WANDB_ID_FILE = "wandb_id"  # RUN_DIR/wandb_id: the W&B run id a resumed flaxen run continues
+
+
+def _new_wandb_id() -> str:
+    import secrets
+
+    return "".join(secrets.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(8))
+
+
+class _WandbRun:
+    """The W&B sink of MetricsWriter (see the module docstring)."""
+
+    def __init__(self, run_dir: str, config, start_step: int):
+        check_loggers(["wandb"])
+        import wandb
+        from omegaconf import DictConfig, OmegaConf
+
+        values = (OmegaConf.to_container(config, resolve=True, throw_on_missing=False)
+                  if isinstance(config, DictConfig) else dict(config or {}))
+        id_path = os.path.join(run_dir, WANDB_ID_FILE)
+        run_id = None
+        if start_step > 0 and os.path.isfile(id_path):
+            with _writing(id_path), open(id_path) as f:
+                run_id = f.read().strip() or None
+        if run_id is None:
+            run_id = _new_wandb_id()
+            write_text(id_path, run_id + "\n")
+        commit = git_commit()
+        experiment = str(values.get("experiment_name") or "default")
+        directory = os.path.basename(os.path.normpath(run_dir))
+        project = values.get("wandb_project") or os.environ.get("WANDB_PROJECT") or "flaxen"
+        try:
+            self.run = wandb.init(
+                project=project, entity=values.get("wandb_entity"), dir=run_dir, id=run_id, resume="allow",
+                name=experiment if directory == experiment else f"{experiment}/{directory}", group=experiment,
+                job_type="train", config={**values, "git_commit": commit})
+        except wandb.errors.Error as error:
+            raise ConfigError(f"loggers includes wandb but W&B could not start a run ({error}): log in (wandb login, "
+                              "or WANDB_API_KEY), or set WANDB_MODE=offline to log without a network") from error
+        if commit is not None:
+            self.run.summary["git_commit"] = commit
+
+    def log(self, step: int, scalars: dict) -> None:
+        self.run.log(scalars, step=step)  # rows of one step (train, evaluation) merge into one
+
+    def close(self) -> None:
+        failed = sys.exc_info()[0] is not None  # closed while an error propagates: W&B marks the run failed
+        self.run.finish(exit_code=1 if failed else 0)
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: str, *, tensorboard: bool = True, enabled: bool = True):
+    """metrics.jsonl plus the `loggers` sinks (see the module docstring). `config`: the run's config
+    (W&B records it); `start_step`: the step this start resumes from (0: a new W&B run)."""
+
+    def __init__(self, run_dir: str, *, loggers=("tensorboard",), enabled: bool = True, config=None,
+                 start_step: int = 0):
+        loggers = check_loggers(loggers)
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.tensorboard = None
+        self.wandb = None
         if enabled:
             os.makedirs(run_dir, exist_ok=True)
-            if tensorboard:
+            if "tensorboard" in loggers:
                 from tensorboardX import SummaryWriter
 
                 self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            if "wandb" in loggers:
+                try:
+                    self.wandb = _WandbRun(run_dir, config, start_step)
+                except BaseException:
+                    self.close()
+                    raise
 
     def write(self, step: int, row: dict) -> None:
         if not self.enabled:
@@ -211,15 +338,24 @@ class MetricsWriter:
                 with contextlib.suppress(OSError):
                     os.truncate(self.path, size)
             raise StorageError.from_exception(error, self.path, f"the metrics of step {int(step)}") from error
+        scalars = _scalars(row)
         if self.tensorboard is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tensorboard.add_scalar(key if "/" in key else f"train/{key}", value, int(step))
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, int(step))
             self.tensorboard.flush()
+        if self.wandb is not None and scalars:
+            self.wandb.log(int(step), scalars)
 
     def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        """Closes the sinks; a second call does nothing."""
+        tensorboard, self.tensorboard = self.tensorboard, None
+        wandb_run, self.wandb = self.wandb, None
+        try:
+            if tensorboard is not None:
+                tensorboard.close()
+        finally:
+            if wandb_run is not None:
+                wandb_run.close()
 
 
 class ProgressBar:

@@ -28,9 +28,11 @@ A run directory cannot be damaged by a second command (`RunDirectory`):
   `key: old -> new`. SAFE_ON_RESUME holds what changes when and how long the run trains, logs,
   evaluates and keeps checkpoints, and where it finds its files, never what one step computes:
   steps, eval_every, eval_batches, eval_batch_size, checkpoint_every, keep_checkpoints,
-  log_every, early_stopping_patience, progress_bar, tensorboard, experiment_name (a label),
-  data_dir, run_dir (a moved directory), data.prepared_dir (prepared data is keyed by content),
-  data.loader_threads (prefetching only) and distributed.* (how processes find each other).
+  log_every, early_stopping_patience, progress_bar, loggers, wandb_project, wandb_entity,
+  experiment_name (a label), data_dir, run_dir (a moved directory), data.prepared_dir (prepared
+  data is keyed by content), data.loader_threads (prefetching only) and distributed.* (how
+  processes find each other). A saved config.yaml's retired keys are read as their replacements
+  (config.load_saved: `tensorboard` as `loggers`).
   config.yaml keeps the first start's values; every start appends one JSON line to
   commands.jsonl: {"time", "host", "pid", "argv", "start": new | restart | resume,
   "changed": {key: [saved, this start's]}}. A directory without a checkpoint holds no state
@@ -42,7 +44,9 @@ A run directory cannot be damaged by a second command (`RunDirectory`):
 - Ctrl-C / SIGTERM save a checkpoint and return {"status": "interrupted", "steps": N,
   "signal": "SIGINT" | "SIGTERM"}; train.py then exits with `exit_code(results)`: 130 / 143.
 - A resume drops what an earlier start logged after the restored step (metrics.jsonl rows,
-  TensorBoard events: flaxen.logging.truncate_metrics), so no step is listed twice.
+  TensorBoard events: flaxen.logging.truncate_metrics), so no step is listed twice. A W&B run
+  (loggers=[..., wandb]) continues under the id in RUN_DIR/wandb_id; W&B cannot drop points (see
+  flaxen.logging).
 """
 from __future__ import annotations
 
@@ -67,7 +71,7 @@ from flaxen import config as config_lib
 from flaxen import distributed
 from flaxen import evaluate as evaluation
 from flaxen import logging as run_logging
-from flaxen import modeling, runlock, sharding, state, tasks
+from flaxen import modeling, privacy, pruning, runlock, sharding, state, tasks
 from flaxen.errors import ConfigError, DataError, FlaxenError
 from flaxen.state import RNG_IMPL
 from models import peft
@@ -75,8 +79,12 @@ from models import peft
 
 # config keys a resume may change (a key covers the keys under it); see the module docstring
 SAFE_ON_RESUME = ("steps", "eval_every", "eval_batches", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
-                  "log_every", "early_stopping_patience", "progress_bar", "tensorboard", "experiment_name",
-                  "data_dir", "run_dir", "data.prepared_dir", "data.loader_threads", "distributed")
+                  "log_every", "early_stopping_patience", "progress_bar", "loggers", "wandb_project", "wandb_entity",
+                  "experiment_name", "data_dir", "run_dir", "data.prepared_dir", "data.loader_threads", "distributed")
+
+
+# what a DP-SGD step adds to a metrics.jsonl row (flaxen.steps.make_private_train_step), besides `epsilon`
+PRIVATE_STEP_METRICS = ("examples", "clipped_fraction")
 
 
 class NonFiniteLossError(FlaxenError):
@@ -147,9 +155,17 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
             task_data = load_task_data(cfg.data, task, run.data_dir, tokenizer_path=modeling.tokenizer_path(cfg),
                                        presets=config_lib.data_preset)
         _check_data(cfg, task, task_data, metric_name if evaluating else None)
+        # DP-SGD (flaxen.privacy): noise multiplier, sampling rate, delta and batch rows, decided once
+        private = privacy.plan(cfg, task_data.num_examples("train"), sharding.batch_divisor(mesh) * jax.process_count())
+        _check_private_resume(cfg, run)
         run.start(task_data)
-        train_loader = task_data.loader("train", cfg.batch_size // jax.process_count(), seed=cfg.seed, train=True,
-                                        process_index=jax.process_index(), process_count=jax.process_count())
+        if private is not None and private.sampling == "poisson":
+            train_loader = task_data.poisson_loader("train", rate=private.sampling_rate, max_rows=private.max_rows,
+                                                    seed=cfg.seed, process_index=jax.process_index(),
+                                                    process_count=jax.process_count())
+        else:
+            train_loader = task_data.loader("train", cfg.batch_size // jax.process_count(), seed=cfg.seed, train=True,
+                                            process_index=jax.process_index(), process_count=jax.process_count())
         baselines = task.baselines(task_data)
         if "unigram_entropy" in baselines:
             log(f"train split unigram entropy: {baselines['unigram_entropy']:.4f} nats/token "
@@ -160,11 +176,14 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
         run.write_spec(spec)
         trainable_filter = peft.trainable_filter(model) if trainable_filter is None else trainable_filter
         counts = peft.parameter_counts(model, trainable_filter)
-        setup = state.from_config(cfg, model, mesh=mesh, trainable_filter=trainable_filter)
+        setup = state.from_config(cfg, model, mesh=mesh, trainable_filter=trainable_filter, privacy=private)
+        rows_per_step = cfg.batch_size if private is None else private.max_rows  # Poisson: rows incl. padding
         del model
         log(f"parameters: {counts['total']:,} total, {counts['trainable']:,} trainable "
             f"({counts['trainable_percent']:.2f}%, peft={spec.peft['name']}); mesh {dict(mesh.shape)}; "
-            f"batch {cfg.batch_size} = {setup.accum_steps} x {cfg.batch_size // setup.accum_steps}")
+            f"batch {rows_per_step} = {setup.accum_steps} x {rows_per_step // setup.accum_steps}")
+        if private is not None:
+            log(private.describe())
 
         # ---- checkpoint (resume) ----
         ckpt = checkpointing.Checkpointer(os.path.join(run.path, "checkpoints"), keep=cfg.keep_checkpoints,
@@ -185,6 +204,9 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
             try:
                 while step < cfg.steps:
                     batch = next(train_loader)
+                    if private is not None and getattr(train_loader, "last_drawn", 0) > private.max_rows:
+                        log(f"step {step + 1}: the Poisson sample drew {train_loader.last_drawn} examples, more "
+                            f"than the batch's {private.max_rows} rows; a random {private.max_rows} of them train")
                     current.params, current.opt_state, step_metrics = setup.train_step(
                         current.params, current.opt_state, current.rest, setup.put_batch(batch), np.int32(step),
                         current.rng)
@@ -197,6 +219,8 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
                     do_save = is_time(step, cfg.checkpoint_every) or last or stopping
                     if is_time(step, cfg.log_every) or do_eval or do_save:
                         row = interval.flush(step, current.meta)
+                        if private is not None:
+                            row["epsilon"] = private.epsilon(step)
                         run.writer.write(step, row)
                         bar.update(step, loss=row["loss"], lr=row["learning_rate"], tokens_per_s=row["tokens_per_s"])
                     with interval.paused():
@@ -230,6 +254,12 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
             last_eval = _evaluate(cfg, setup, current, task_data, None, step)
         results = _results(cfg, status, step, current, last_eval, (metric_name, metric_mode), evaluating,
                            time.perf_counter() - wall_start, counts, spec, baselines, ckpt)
+        if private is not None:
+            results["privacy"] = private.record(step, truncated_batches=getattr(train_loader, "truncated_batches", 0),
+                                                dropped_rows=getattr(train_loader, "dropped_rows", 0))
+        pruned = pruning.record(cfg, current.params)  # gradual pruning: the final sparsity
+        if pruned is not None:
+            results["prune"] = pruned
         ckpt.close()
         run.write_results(results)
         return results
@@ -304,7 +334,7 @@ class RunDirectory:
                 self.log(f"warning: {self.path} has checkpoints but no config.yaml; recording this command's config")
             return
         try:
-            self.changes = _config_changes(OmegaConf.load(saved), self.cfg)
+            self.changes = _config_changes(config_lib.load_saved(saved), self.cfg)
         except (OSError, yaml.YAMLError, OmegaConfBaseException) as error:
             raise ConfigError(f"{saved} cannot be read ({error}); it records the run in {self.path}: restore it, "
                               "or train in another run directory (hydra.run.dir=PATH)") from error
@@ -367,13 +397,14 @@ class RunDirectory:
                             "on them in another run directory (hydra.run.dir=PATH)")
 
     def open_metrics(self, step: int) -> None:
-        """Opens `writer` (metrics.jsonl, TensorBoard) after dropping what was logged past `step`."""
+        """Opens `writer` (metrics.jsonl, cfg.loggers) after dropping what was logged past `step`."""
         if self.is_main:
             dropped, moved = run_logging.truncate_metrics(self.path, step)
             if dropped or moved:
                 self.log(f"resuming at step {step}: dropped {dropped} metrics.jsonl rows logged after it"
                          + (f"; moved {moved} TensorBoard event files to tensorboard/superseded/" if moved else ""))
-        self.writer = run_logging.MetricsWriter(self.path, tensorboard=self.cfg.tensorboard, enabled=self.is_main)
+        self.writer = run_logging.MetricsWriter(self.path, loggers=self.cfg.loggers, enabled=self.is_main,
+                                                config=self.cfg, start_step=step)
 
     def write_spec(self, spec: modeling.ModelSpec) -> None:
         if self.is_main:
@@ -437,6 +468,19 @@ def _check_data(cfg: Any, task: Any, task_data: Any, metric_name: str | None) ->
             key = "best_metric" if cfg.best_metric is not None else f"best_metric (task {task.name}'s default)"
             raise ConfigError(f"{key}={metric_name!r}: evaluating {task.name} on this data gives "
                               f"{', '.join(produced)}")
+
+
+def _check_private_resume(cfg: Any, run: "RunDirectory") -> None:
+    """A resume of a run whose noise multiplier a target epsilon chose for its step budget must
+    keep that budget: the same target for other steps is another noise multiplier."""
+    if not privacy.enabled(cfg) or cfg.privacy.target_epsilon is None or run.kind != "resume" or \
+            "steps" not in run.changes:
+        return
+    before, after = run.changes["steps"]
+    raise ConfigError(f"steps: {before} -> {after}: privacy.target_epsilon={cfg.privacy.target_epsilon} chose the run's "
+                      f"noise multiplier for {before} steps, and the steps done used it: keep steps={before} to resume; "
+                      "for another budget start a new run (hydra.run.dir=PATH), e.g. with privacy.noise_multiplier "
+                      "set and privacy.target_epsilon=null")
 
 
 def _interrupted(step: int, signum: int | None) -> dict:
@@ -504,7 +548,7 @@ def _save(ckpt, step: int, current: _State, train_loader, metric_name: str, eval
 
 
 def _evaluate(cfg: Any, setup: state.TrainSetup, current: _State, task_data: Any, writer, step: int) -> dict:
-    """Metrics of cfg.eval_split at `step`, written to metrics.jsonl / TensorBoard when `writer` is given."""
+    """Metrics of cfg.eval_split at `step`, written to metrics.jsonl and the loggers when `writer` is given."""
     result = evaluation.evaluate(setup.eval_step, current.params, current.rest, task_data, setup.task,
                                  cfg.eval_split, batch_size=cfg.eval_batch_size, batch_sharding=setup.batch_sharding,
                                  max_batches=cfg.eval_batches, task_cfg=cfg.task)
@@ -575,6 +619,9 @@ class _Interval:
         meta["train_seconds"] += elapsed
         row = {"loss": float(losses.mean()), "learning_rate": float(rows[-1]["learning_rate"]),
                "grad_norm": float(norms[-1]), "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0}
+        for key in PRIVATE_STEP_METRICS:  # DP-SGD steps: means over the interval
+            if key in rows[-1]:
+                row[key] = float(np.mean([r[key] for r in rows]))
         self.pending, self.tokens, self.tick = [], 0, time.perf_counter()
         return row
 
@@ -670,9 +717,17 @@ def _config_changes(old, new) -> dict[str, tuple[Any, Any]]:
     after = _flatten(config_lib.to_container(new))
     defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(config_lib.TrainConfig), resolve=False,
                                                throw_on_missing=False))
+    defaults.update(_peft_defaults(after.get("peft.name")))
     return {key: (before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
             if before.get(key) != after.get(key)
             and not (key not in before and key in defaults and after.get(key) == defaults[key])}
+
+
+def _peft_defaults(name) -> dict[str, Any]:
+    """{'peft.<key>': default} of PEFT method `name`: a key a later flaxen adds to a method (such as
+    LoRA's base_quantization), at its default, is no change to a run saved before it."""
+    cls = peft.config.CONFIG_CLASSES.get(name)
+    return {} if cls is None else {f"peft.{key}": value for key, value in peft.to_dict(cls()).items()}
 
 
 def _format_change(key: str, old, new) -> str:

@@ -49,12 +49,15 @@ PEFT_SEED_STREAM = 0x50454654
 @dataclasses.dataclass
 class ModelSpec:
     """Everything needed to rebuild a run's model: its config, head, labels and PEFT method
-    (`peft`: a configs/peft mapping or config, kept as models.peft.to_dict; None = a plain model)."""
+    (`peft`: a configs/peft mapping or config, kept as models.peft.to_dict; None = a plain model).
+    `tokenizer`: the run's flaxen Tokenizer, which prompt tuning's text initialisation encodes its
+    text with when the model is built fresh; not recorded (restored models need no initial values)."""
     config: models.ModelConfig
     head: str | None
     num_labels: int
     label_names: list[str] | None = None
     peft: Any = None
+    tokenizer: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.peft = peft.to_dict(peft.from_dict(self.peft))
@@ -76,27 +79,42 @@ class ModelSpec:
         state = jax.jit(lambda: nnx.state(self._construct(seed)))()
         return nnx.merge(graphdef, state)
 
-    def _construct(self, seed: int) -> models.Model:
+    def _construct(self, seed: int, restoring: bool = False) -> models.Model:
         model = models.build_model(self.config, self.head, self.num_labels, rngs=nnx.Rngs(seed))
-        return apply_peft(model, self.peft, seed)
+        return apply_peft(model, self.peft, seed, tokenizer=self.tokenizer, restoring=restoring)
 
     def build_abstract(self) -> models.Model:
         """The model with ShapeDtypeStruct leaves: a restore target that costs no initialisation."""
-        return nnx.eval_shape(lambda: self._construct(0))
+        return nnx.eval_shape(lambda: self._construct(0, restoring=True))
 
 
-def apply_peft(model: models.Model, config: Any, seed: int) -> models.Model:
-    """`model` with the PEFT method of `config` (a configs/peft mapping; none leaves it plain)."""
+def apply_peft(model: models.Model, config: Any, seed: int, *, tokenizer: Any = None,
+               restoring: bool = False) -> models.Model:
+    """`model` with the PEFT method of `config` (a configs/peft mapping; none leaves it plain).
+
+    tokenizer: the run's flaxen Tokenizer (prompt tuning's text initialisation encodes its text as
+    the run encodes a sentence, special tokens included); restoring: the values will be replaced."""
     config = peft.from_dict(config)
     if isinstance(config, peft.NoPeftConfig):
         return model
     key = jax.random.fold_in(jax.random.key(seed), PEFT_SEED_STREAM)
-    return peft.apply(model, config, rngs=nnx.Rngs(key))
+    return peft.apply(model, config, rngs=nnx.Rngs(key), tokenizer=text_ids(tokenizer), restoring=restoring)
+
+
+def text_ids(tokenizer: Any):
+    """text -> the token ids a flaxen Tokenizer gives one sentence (its special tokens around it);
+    None without a tokenizer."""
+    if tokenizer is None:
+        return None
+    from flaxen.data.encoding import single_inputs
+
+    return lambda text: single_inputs(tokenizer, tokenizer.encode(text))["input_ids"].tolist()
 
 
 def build(cfg: Any, task_data: Any, log=print) -> tuple[models.Model, ModelSpec]:
     """The starting model of a run (pretrained or from scratch, with `cfg.peft` applied; init_from
-    is applied by the loop)."""
+    is applied by the loop). Method settings that default to the run's length (AdaLoRA's
+    total_step) are filled in from `cfg.steps` (models.peft.for_run), so model.json records them."""
     task = tasks.get(cfg.task.name)
     head = task.head
     num_labels = task.num_labels(cfg, task_data)
@@ -108,8 +126,8 @@ def build(cfg: Any, task_data: Any, log=print) -> tuple[models.Model, ModelSpec]
             if label_names is not None and len(label_names) == num_labels:
                 kwargs["id2label"] = label_names
         model = models.load_pretrained(os.path.expanduser(cfg.model.pretrained), head=head, **kwargs)
-        spec = ModelSpec(model.config, head, num_labels, label_names, cfg.peft)
-        return apply_peft(model, spec.peft, cfg.seed), spec
+        spec = ModelSpec(model.config, head, num_labels, label_names, peft.for_run(cfg.peft, cfg.steps))
+        return apply_peft(model, spec.peft, cfg.seed, tokenizer=task_data.tokenizer), spec
     values = {k: v for k, v in dict(cfg.model).items() if k not in ("name", "pretrained")}
     tokenizer = task_data.tokenizer
     if values["vocab_size"] != tokenizer.vocab_size:
@@ -117,7 +135,8 @@ def build(cfg: Any, task_data: Any, log=print) -> tuple[models.Model, ModelSpec]
         values["vocab_size"] = tokenizer.vocab_size
     if tokenizer.pad_token_id is not None:
         values["pad_token_id"] = tokenizer.pad_token_id
-    spec = ModelSpec(models.ModelConfig.from_dict(values), head, num_labels, label_names, cfg.peft)
+    spec = ModelSpec(models.ModelConfig.from_dict(values), head, num_labels, label_names,
+                     peft.for_run(cfg.peft, cfg.steps), tokenizer=tokenizer)
     return spec.build(cfg.seed), spec
 
 

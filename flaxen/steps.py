@@ -16,6 +16,18 @@ train_step(params, opt_state, rest, batch, step, rng) -> (params, opt_state, met
     and learning_rate (the `schedule` at this update) when a schedule is given.
 eval_step(params, rest, batch) -> task.eval_outputs(...) (replicated).
 
+With `privacy` (a flaxen.privacy.Plan) the train step is DP-SGD instead (`private_gradient`):
+per-example gradients (jax.vmap over the rows, each row's loss the task's loss on a batch of that
+one row, normalised by its own loss weight; padding rows weigh 0), each scaled to L2 norm <=
+clip_norm, summed over the batch (over every micro-batch with accumulation), plus Gaussian noise
+of std noise_multiplier * clip_norm added once, divided by the expected batch size. Keys:
+split(fold_in(rng, step)) -> (dropout, noise); an example's dropout key folds in its micro-batch
+and its row. With accumulation the rows are sorted by length, micro-batches without a real row are
+skipped and the others run cut to the shortest bucket length that holds their rows (lax.switch),
+so a Poisson batch's padding rows and short rows cost little. metrics: loss (mean of the examples' losses), grad_norm (of the noisy mean gradient),
+weight and examples (real rows), clipped_fraction, learning_rate. The model is traced without
+activation sharding constraints inside the per-example vmap. The non-private step is unchanged.
+
 `task` is a flaxen Task (flaxen/tasks/): it names the model's inputs and turns the model's output
 into loss terms and evaluation outputs; the steps never look at its name.
 
@@ -89,6 +101,167 @@ def make_train_step(graphdef, task, optimizer: optax.GradientTransformation, *, 
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": loss_sum / weight, "grad_norm": grad_norm, "weight": weight}
+        if schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
+        return params, opt_state, metrics
+
+    shardings = dict(
+        in_shardings=(param_shardings, opt_shardings, rest_shardings, batch_sharding, replicated, replicated),
+        out_shardings=(param_shardings, opt_shardings, replicated),
+    ) if param_shardings is not None else {}
+    return jax.jit(train_step, donate_argnums=(0, 1) if donate else (), **shardings)
+
+
+# ---------------------------------------------------------------------- DP-SGD (flaxen.privacy)
+
+def _row_weights(batch: dict):
+    """[rows] float32: 1 for real rows (the batch's `valid` field), else 1 everywhere."""
+    if "valid" in batch:
+        return batch["valid"].astype(jnp.float32)
+    return jnp.ones(batch["input_ids"].shape[:1], jnp.float32)
+
+
+def per_example_grads(graphdef, task, params, rest, batch: dict, rng=None):
+    """(gradients with a leading [rows] axis, losses [rows]): each row's gradient of the task's loss
+    on a batch of that one row, loss_sum / max(loss_weight, 1), times its `valid` weight (padding
+    rows: 0). Dropout when `rng` is given: row i uses fold_in(rng, i)."""
+    task = tasks.get(task)
+
+    def example_loss(params, row, key):
+        one = jax.tree.map(lambda x: x[None], row)
+        output = _forward(graphdef, params, rest, task, one, key)
+        loss_sum, _ = task.loss_terms(output, one)
+        loss = loss_sum / jnp.maximum(task.loss_weight(one), 1.0)
+        return loss * _row_weights(one)[0]
+
+    grad_fn = jax.value_and_grad(example_loss)
+    if rng is None:
+        losses, grads = jax.vmap(grad_fn, in_axes=(None, 0, None))(params, batch, None)
+    else:
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch["input_ids"].shape[0]))
+        losses, grads = jax.vmap(grad_fn, in_axes=(None, 0, 0))(params, batch, keys)
+    return grads, losses
+
+
+def per_example_norms(grads) -> jax.Array:
+    """[rows] float32: the L2 norm of each row's gradient over all leaves."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
+                        for g in jax.tree.leaves(grads)))
+
+
+def clip_factors(norms: jax.Array, clip_norm: float) -> jax.Array:
+    """[rows]: min(1, clip_norm / norm), the scale that brings each gradient to norm <= clip_norm."""
+    return jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))
+
+
+def _clipped_sum(graphdef, task, clip_norm, params, rest, batch, rng):
+    """(sum of the rows' clipped gradients, [loss sum, real rows, clipped rows])."""
+    grads, losses = per_example_grads(graphdef, task, params, rest, batch, rng)
+    norms = per_example_norms(grads)
+    real = _row_weights(batch)
+    factors = clip_factors(norms, clip_norm) * (real > 0)
+    summed = jax.tree.map(lambda g: jnp.einsum("b,b...->...", factors.astype(g.dtype), g), grads)
+    stats = jnp.stack([jnp.sum(losses), jnp.sum(real), jnp.sum((norms > clip_norm) * real)])
+    return summed, stats
+
+
+def _row_lengths(batch: dict):
+    """[rows] int32: one past each row's last attended position (0 for a row with none)."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return jnp.full(batch["input_ids"].shape[:1], batch["input_ids"].shape[1], jnp.int32)
+    positions = jnp.arange(1, mask.shape[1] + 1, dtype=jnp.int32)
+    return jnp.max(jnp.where(mask > 0, positions, 0), axis=1)
+
+
+def _sorted_rows(batch: dict, accum_steps: int) -> dict:
+    """The batch's rows reordered so that micro-batch 0, 1, ... of `_micro_batches` (which takes
+    rows j, j + accum_steps, ... as micro-batch j) hold the real rows from the shortest to the
+    longest, then the padding rows."""
+    rows, length = batch["input_ids"].shape[:2]
+    micro = rows // accum_steps
+    key = jnp.where(_row_weights(batch) > 0, _row_lengths(batch), length + 1)
+    order = jnp.argsort(key, stable=True)
+    position = jnp.arange(rows)
+    sorted_index = (position % accum_steps) * micro + position // accum_steps
+    return jax.tree.map(lambda x: x[order[sorted_index]], batch)
+
+
+def _cut(batch: dict, length: int) -> dict:
+    """The batch with its token fields ([rows, T, ...]) cut to their first `length` positions."""
+    full = batch["input_ids"].shape[1]
+    return jax.tree.map(lambda x: x[:, :length] if x.ndim >= 2 and x.shape[1] == full else x, batch)
+
+
+def gaussian_noise(tree, key, std: float):
+    """N(0, std^2) per coordinate, shaped like `tree` (one key per leaf, split from `key`)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([(std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
+                              for k, x in zip(keys, leaves)])
+
+
+def private_gradient(graphdef, task, privacy, params, rest, batch: dict, rng, accum_steps: int = 1,
+                     noise: bool = True, lengths=()):
+    """(noisy mean clipped gradient, stats [loss sum, real rows, clipped rows]) of one DP-SGD step.
+
+    `privacy`: clip_norm, noise_multiplier, batch_size (flaxen.privacy.Plan). `rng`: this step's key
+    (fold_in(run key, step)); split into (dropout, noise). With `accum_steps` > 1 the clipped sums
+    of the micro-batches are added before the noise, which is added once. The rows are then sorted
+    by length (real rows first): a micro-batch without a real row is skipped, and one whose rows
+    all fit in a shorter length of `lengths` (the data's bucket lengths) runs cut to that length
+    (lax.switch; cutting trailing padding changes no real position's output), so a batch's cost
+    follows its real rows' lengths. `noise=False` leaves the noise out (tests)."""
+    task = tasks.get(task)
+    clip_norm = float(privacy.clip_norm)
+    dropout_rng, noise_rng = jax.random.split(rng)
+    if accum_steps == 1:
+        grad_sum, stats = _clipped_sum(graphdef, task, clip_norm, params, rest, batch, dropout_rng)
+    else:
+        full = batch["input_ids"].shape[1]
+        options = sorted({int(n) for n in lengths if int(n) < full} | {full})
+        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((3,), jnp.float32))
+
+        def accumulate(carry, inputs):
+            micro, index = inputs
+            key = jax.random.fold_in(dropout_rng, index)
+            branches = [lambda micro, key: zeros] + [
+                lambda micro, key, n=n: _clipped_sum(graphdef, task, clip_norm, params, rest, _cut(micro, n), key)
+                for n in options]
+            needed = jnp.max(jnp.where(_row_weights(micro) > 0, _row_lengths(micro), 0))
+            fits = sum((needed > n).astype(jnp.int32) for n in options[:-1])  # the first option >= needed
+            branch = jnp.where(jnp.any(_row_weights(micro) > 0), 1 + fits, 0)
+            result = jax.lax.switch(branch, branches, micro, key)
+            return jax.tree.map(jnp.add, carry, result), None
+
+        (grad_sum, stats), _ = jax.lax.scan(
+            accumulate, zeros, (_micro_batches(_sorted_rows(batch, accum_steps), accum_steps),
+                                jnp.arange(accum_steps)))
+    if noise:
+        std = float(privacy.noise_multiplier) * clip_norm
+        grad_sum = jax.tree.map(jnp.add, grad_sum, gaussian_noise(grad_sum, noise_rng, std))
+    grads = jax.tree.map(lambda g: g / float(privacy.batch_size), grad_sum)
+    return grads, stats
+
+
+def make_private_train_step(graphdef, task, optimizer: optax.GradientTransformation, privacy, *, schedule=None,
+                            accum_steps: int = 1, lengths=(), param_shardings: Any = None, opt_shardings: Any = None,
+                            rest_shardings: Any = None, batch_sharding: Any = None, replicated: Any = None,
+                            donate: bool = True):
+    """The jitted DP-SGD train step: the signature and outputs of make_train_step's (see the module
+    docstring). `lengths`: the row lengths micro-batches may be cut to (private_gradient)."""
+    task = tasks.get(task)
+
+    def train_step(params, opt_state, rest, batch, step, rng):
+        grads, stats = private_gradient(graphdef, task, privacy, params, rest, batch, jax.random.fold_in(rng, step),
+                                        accum_steps, lengths=lengths)
+        grad_norm = global_norm(grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        examples = stats[1]
+        metrics = {"loss": stats[0] / jnp.maximum(examples, 1.0), "grad_norm": grad_norm,
+                   "weight": jnp.maximum(examples, 1.0), "examples": examples,
+                   "clipped_fraction": stats[2] / jnp.maximum(examples, 1.0)}
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
         return params, opt_state, metrics

@@ -2,6 +2,11 @@
 
 Knows nothing about training and imports nothing from flaxen (errors: models.errors). Public surface:
     ModelConfig, Model, ModelOutput, build_model(config, head=None, num_labels=2, rngs=...)
+    model(input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+          inputs_embeds=None, deterministic=True, dropout_rng=None, output_attentions=False,
+          output_hidden_states=False) -> ModelOutput (last_hidden_state, pooler_output, logits,
+          start_logits, end_logits, hidden_states, attentions; models.model says what each holds)
+    model.embed_tokens(input_ids): the word embeddings that inputs_embeds replaces
     load_pretrained(path, head=None, **head_kwargs), save_pretrained(model, path)
     HEADS: the head names ('mlm', 'causal_lm', 'seq_cls', 'token_cls', 'qa'; what each needs is
     its models.heads.HEADS entry); FAMILIES: 'bert', 'gpt2'

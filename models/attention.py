@@ -6,6 +6,11 @@ Shapes: x [batch, seq, embed]; q/k/v [batch, seq, heads, head_dim]; mask [batch,
 dropout (training encoders) an explicit softmax path applies dropout to the probabilities. Both
 paths share masking and scaling, and a test holds them equal.
 
+`output_attentions=True` (a static Python bool) also returns the attention probabilities
+[batch, heads, q_len, k_len] in float32. The fused kernel does not return them, so a call that
+asks for them takes the explicit softmax path; a call that does not is traced exactly as before.
+With attention dropout (training) the probabilities returned are those before dropout.
+
 A decoder's key/value cache is an explicit pair of arrays [batch, max_len, heads, head_dim]
 passed in and returned, so a generation loop carries it as plain state.
 """
@@ -21,23 +26,38 @@ from models.config import ModelConfig
 from models.layers import Dense, dropout
 
 
-def dot_product_attention(q, k, v, mask, *, dropout_rate: float = 0.0, dropout_rng=None):
-    """softmax(q·kᵀ/√d + mask)·v over [batch, seq, heads, head_dim] inputs."""
-    if dropout_rng is None or dropout_rate == 0.0:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+def attention_probabilities(q, k, mask):
+    """softmax(q·kᵀ/√d + mask) [batch, heads, q_len, k_len] in float32, from q [batch, q_len,
+    heads, head_dim], k [batch, k_len, heads, head_dim] and mask [batch, 1, q_len, k_len]."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
-    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def dot_product_attention(q, k, v, mask, *, dropout_rate: float = 0.0, dropout_rng=None,
+                          output_attentions: bool = False):
+    """softmax(q·kᵀ/√d + mask)·v over [batch, seq, heads, head_dim] inputs.
+
+    With `output_attentions`, returns (output, probabilities [batch, heads, q_len, k_len] float32,
+    before attention dropout)."""
+    if not output_attentions and (dropout_rng is None or dropout_rate == 0.0):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    probs = attention_probabilities(q, k, mask)
+    kept = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
+    y = jnp.einsum("bnts,bsnh->btnh", kept, v)
+    return (y, probs) if output_attentions else y
 
 
 class SelfAttention(nnx.Module):
-    """Query/key/value projections, scaled dot-product attention, output projection."""
+    """Query/key/value projections, scaled dot-product attention, output projection.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, out_init_std: float | None = None):
-        e, n, h = config.hidden_size, config.num_heads, config.head_dim
+    `num_heads`: this layer's number of heads (ModelConfig.heads_in_layer: fewer than
+    config.num_heads after head pruning; the head size stays config.head_dim)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, out_init_std: float | None = None,
+                 num_heads: int | None = None):
+        e, n, h = config.hidden_size, config.num_heads if num_heads is None else num_heads, config.head_dim
         std, dt, bias = config.initializer_range, config.compute_dtype, config.use_bias
         self.query = Dense(e, (n, h), ("embed", "heads", "head_dim"), rngs=rngs, init_std=std, dtype=dt, use_bias=bias)
         self.key = Dense(e, (n, h), ("embed", "heads", "head_dim"), rngs=rngs, init_std=std, dtype=dt, use_bias=bias)
@@ -58,14 +78,23 @@ class SelfAttention(nnx.Module):
             cache = (k, v)
         return q, k, v, cache
 
-    def __call__(self, x, mask, *, dropout_rng=None, cache=None, cache_index=None):
-        """x [batch, seq, embed] -> ([batch, seq, embed], updated cache or None).
+    def __call__(self, x, mask, *, dropout_rng=None, cache=None, cache_index=None, output_attentions: bool = False):
+        """x [batch, seq, embed] -> ([batch, seq, embed], updated cache or None), plus the attention
+        probabilities [batch, heads, seq, k_len] (float32, before dropout) with `output_attentions`.
 
         With `cache=(k, v)` the new keys/values are written at `cache_index` and attention runs
         over the whole cache; `mask` must then cover the cache length.
         """
         q, k, v, cache = self.project(x, cache, cache_index)
-        y = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
+        return self.attend(q, k, v, mask, cache, dropout_rng, output_attentions)
+
+    def attend(self, q, k, v, mask, cache, dropout_rng, output_attentions: bool):
+        """Attention of projected q/k/v, the output projection, and the (y, cache[, probs]) result."""
+        y = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
+                                  output_attentions=output_attentions)
+        if output_attentions:
+            y, probs = y
+            return self.out(y), cache, probs
         return self.out(y), cache
 
 

@@ -4,6 +4,11 @@ input_ids [batch, seq] -> word + position + token-type embeddings -> LayerNorm -
 (attention -> add & LayerNorm -> MLP with exact GELU -> add & LayerNorm) -> hidden states
 [batch, seq, embed]; the pooler is tanh(dense(h[:, 0])). Parameter names follow the Hugging Face
 layout closely so that models.hf maps them one to one.
+
+`inputs_embeds` [batch, seq, embed] replaces the word-embedding lookup (position and token-type
+embeddings and the LayerNorm still apply). `output_hidden_states` / `output_attentions` (static
+bools) add, as in Hugging Face, the embedding output and every layer's output, and every layer's
+attention probabilities [batch, heads, seq, k_len]; off, the traced program is unchanged.
 """
 from __future__ import annotations
 
@@ -31,29 +36,33 @@ class BertEmbeddings(nnx.Module):
         self.norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dt, use_bias=config.use_bias)
         self.dropout_rate = config.hidden_dropout
 
-    def __call__(self, input_ids, token_type_ids, position_ids, *, dropout_rng=None):
-        x = self.word(input_ids) + self.position(position_ids) + self.token_type(token_type_ids)
+    def __call__(self, input_ids, token_type_ids, position_ids, *, dropout_rng=None, inputs_embeds=None):
+        """inputs_embeds [batch, seq, embed], when given, stands in for the lookup of input_ids."""
+        words = self.word(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.word.dtype)
+        x = words + self.position(position_ids) + self.token_type(token_type_ids)
         return dropout(self.norm(x), self.dropout_rate, dropout_rng)
 
 
 class BertLayer(nnx.Module):
     """One post-LN Transformer block."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, layer: int = 0):
         e, m, std, dt = config.hidden_size, config.intermediate_size, config.initializer_range, config.compute_dtype
-        self.attention = SelfAttention(config, rngs=rngs)
+        self.attention = SelfAttention(config, rngs=rngs, num_heads=config.heads_in_layer(layer))
         self.attention_norm = LayerNorm(e, eps=config.layer_norm_eps, dtype=dt, use_bias=config.use_bias)
         self.intermediate = Dense(e, m, ("embed", "mlp"), rngs=rngs, init_std=std, dtype=dt, use_bias=config.use_bias)
         self.output = Dense(m, e, ("mlp", "embed"), rngs=rngs, init_std=std, dtype=dt, use_bias=config.use_bias)
         self.output_norm = LayerNorm(e, eps=config.layer_norm_eps, dtype=dt, use_bias=config.use_bias)
         self.dropout_rate = config.hidden_dropout
 
-    def __call__(self, x, mask, dropout_rng=None):
+    def __call__(self, x, mask, dropout_rng=None, output_attentions: bool = False):
+        """x [batch, seq, embed] -> the same shape, or (it, attention probabilities) with output_attentions."""
         rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
-        h, _ = self.attention(x, mask, dropout_rng=rngs[0])
+        h, _, *probs = self.attention(x, mask, dropout_rng=rngs[0], output_attentions=output_attentions)
         x = self.attention_norm(x + dropout(h, self.dropout_rate, rngs[1]))
         h = self.output(constrain(gelu_exact(self.intermediate(x)), ("batch", "length", "mlp")))
-        return self.output_norm(x + dropout(h, self.dropout_rate, rngs[2]))
+        x = self.output_norm(x + dropout(h, self.dropout_rate, rngs[2]))
+        return (x, probs[0]) if output_attentions else x
 
 
 class BertPooler(nnx.Module):
@@ -66,17 +75,32 @@ class BertPooler(nnx.Module):
         return jnp.tanh(self.dense(hidden[:, 0]))
 
 
+def check_inputs(input_ids, inputs_embeds) -> tuple[int, int]:
+    """(batch, seq) of the one of input_ids [batch, seq] / inputs_embeds [batch, seq, embed] given."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids and inputs_embeds")
+    return input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+
+
 class BertEncoder(nnx.Module):
-    """Embeddings + blocks (+ pooler). Returns (hidden [batch, seq, embed], pooled [batch, embed] | None)."""
+    """Embeddings + blocks (+ pooler). Returns (hidden [batch, seq, embed], pooled [batch, embed] | None),
+    then, when asked, the tuple of hidden states (embedding output, then each layer's output; N + 1
+    arrays [batch, seq, embed]) and the tuple of attention probabilities (one [batch, heads, seq, seq]
+    float32 array per layer), in that order."""
 
     def __init__(self, config: ModelConfig, *, add_pooler: bool = True, rngs: nnx.Rngs):
         self.config = config
         self.embeddings = BertEmbeddings(config, rngs=rngs)
-        self.layers = nnx.List([BertLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = nnx.List([BertLayer(config, rngs=rngs, layer=i) for i in range(config.num_layers)])
         self.pooler = BertPooler(config, rngs=rngs) if add_pooler else None
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, dropout_rng=None):
-        batch, seq = input_ids.shape
+    def embed_tokens(self, input_ids):
+        """The word-embedding lookup [batch, seq, embed] that `inputs_embeds` replaces."""
+        return self.embeddings.word(input_ids)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *, dropout_rng=None,
+                 inputs_embeds=None, output_hidden_states: bool = False, output_attentions: bool = False):
+        batch, seq = check_inputs(input_ids, inputs_embeds)
         if attention_mask is None:
             attention_mask = jnp.ones((batch, seq), jnp.int32)
         if token_type_ids is None:
@@ -84,16 +108,30 @@ class BertEncoder(nnx.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
         rng = (lambda i: None) if dropout_rng is None else (lambda i: jax.random.fold_in(dropout_rng, i))
-        x = constrain(self.embeddings(input_ids, token_type_ids, position_ids, dropout_rng=rng(0)), ACTIVATION)
+        x = self.embeddings(input_ids, token_type_ids, position_ids, dropout_rng=rng(0), inputs_embeds=inputs_embeds)
+        x = constrain(x, ACTIVATION)
         mask = padding_mask(attention_mask)
+        hidden_states, attentions = [x], []
         for i, layer in enumerate(self.layers):
-            x = constrain(run_block(layer, x, mask, rng(i + 1), remat=self.config.remat), ACTIVATION)
+            x = run_block(layer, x, mask, rng(i + 1), remat=self.config.remat, output_attentions=output_attentions)
+            if output_attentions:
+                x, probs = x
+                attentions.append(probs)
+            x = constrain(x, ACTIVATION)
+            hidden_states.append(x)
         pooled = self.pooler(x) if self.pooler is not None else None
-        return x, pooled
+        return (x, pooled) + extras(hidden_states, attentions, output_hidden_states, output_attentions)
 
 
-def run_block(block, x, mask, dropout_rng, *, remat: bool):
-    """Calls a block, rematerialising its activations in the backward pass when `remat`.
+def extras(hidden_states, attentions, output_hidden_states: bool, output_attentions: bool) -> tuple:
+    """The backbone outputs after (hidden, pooled): (hidden_states tuple,) and/or (attentions tuple,), as asked."""
+    return (((tuple(hidden_states),) if output_hidden_states else ())
+            + ((tuple(attentions),) if output_attentions else ()))
+
+
+def run_block(block, x, mask, dropout_rng, *, remat: bool, output_attentions: bool = False):
+    """Calls a block, rematerialising its activations in the backward pass when `remat`; with
+    `output_attentions` the block's (output, attention probabilities) pass through the checkpoint.
 
     Remat is `jax.checkpoint` over the block as a pure function of its variables: the block's
     variables may come from different traces (trained parameters from inside `jax.grad`, frozen
@@ -103,7 +141,7 @@ def run_block(block, x, mask, dropout_rng, *, remat: bool):
         graphdef, variables = nnx.split(block)
 
         def apply(variables, x, mask, dropout_rng):
-            return nnx.merge(graphdef, variables)(x, mask, dropout_rng)
+            return nnx.merge(graphdef, variables)(x, mask, dropout_rng, output_attentions=output_attentions)
 
         return jax.checkpoint(apply)(variables, x, mask, dropout_rng)
-    return block(x, mask, dropout_rng)
+    return block(x, mask, dropout_rng, output_attentions=output_attentions)

@@ -18,6 +18,7 @@ Table: HEADS[name] -> HeadSpec, name None being the bare backbone (no head). `Mo
 `spec.build(config, num_labels, rngs)` as `model.head` and takes its outputs from
 `spec.apply(head, hidden, pooled, model, attention_mask, input_ids, rng)`, a dict of
 ModelOutput fields ('logits', or 'start_logits' and 'end_logits'), each cast to float32.
+input_ids is None when the model was called with inputs_embeds: heads must not need it.
 """
 from __future__ import annotations
 
@@ -148,9 +149,10 @@ def _causal_lm(head, hidden, pooled, model, attention_mask, input_ids, rng):
 
 
 def _sequence(head, hidden, pooled, model, attention_mask, input_ids, rng):
-    """BERT's pooled output, else (decoders) the hidden state of each sequence's last real token."""
+    """BERT's pooled output, else (decoders) the hidden state of each sequence's last real token
+    (by attention_mask; without one, the last position, as Hugging Face does for inputs_embeds)."""
     if pooled is None:
-        mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
+        mask = jnp.ones(hidden.shape[:2], jnp.int32) if attention_mask is None else attention_mask
         pooled = last_token(hidden, mask)
     return {"logits": head(pooled, rng)}
 

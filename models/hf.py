@@ -104,6 +104,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
             classifier_dropout=hf.get("classifier_dropout"),
             pad_token_id=hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0,
             initializer_range=float(hf.get("initializer_range", 0.02)),
+            pruned_heads=hf.get("pruned_heads") or None,
         )
     if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
         raise CheckpointError(
@@ -125,11 +126,24 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         classifier_dropout=hf.get("classifier_dropout"),
         pad_token_id=pad if pad is not None else (hf.get("eos_token_id") if isinstance(hf.get("eos_token_id"), int) else 0),
         initializer_range=float(hf.get("initializer_range", 0.02)),
+        pruned_heads=hf.get("pruned_heads") or None,
     )
 
 
 def config_to_hf(config: ModelConfig) -> dict:
-    """ModelConfig -> the architecture part of a Hugging Face config.json (no head, no labels)."""
+    """ModelConfig -> the architecture part of a Hugging Face config.json (no head, no labels).
+
+    A head-pruned config (models.prune.prune_heads) adds `pruned_heads` {"layer": [heads]} with
+    the smaller attention weights, Hugging Face's layout for pruned models. transformers 5 no
+    longer builds pruned models (it dropped `pruned_heads`): for PyTorch, save
+    `models.prune.expand_pruned_heads(model)` instead, the same function at full size."""
+    hf = _config_to_hf(config)
+    if config.pruned_heads:
+        hf["pruned_heads"] = {str(layer): list(heads) for layer, heads in config.pruned_heads}
+    return hf
+
+
+def _config_to_hf(config: ModelConfig) -> dict:
     if config.family == "bert":
         return {
             "model_type": "bert",

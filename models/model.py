@@ -1,12 +1,26 @@
 """`Model`: a backbone (BertEncoder or GPT2Decoder) with an optional task head.
 
 The one callable flaxen trains and evaluates:
-    out = model(input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                deterministic=True, dropout_rng=None)
+    out = model(input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                inputs_embeds=None, deterministic=True, dropout_rng=None, cache=None, cache_index=None,
+                output_attentions=False, output_hidden_states=False)
     out.last_hidden_state [batch, seq, embed]; out.pooler_output [batch, embed] | None;
-    out.logits (per head) | None; out.start_logits, out.end_logits [batch, seq] ('qa') | None.
+    out.logits (per head) | None; out.start_logits, out.end_logits [batch, seq] ('qa') | None;
+    out.hidden_states: with output_hidden_states, N + 1 arrays [batch, seq, embed] (the embedding
+        output, then each layer's output; GPT-2's last is after its final LayerNorm) | None;
+    out.attentions: with output_attentions, one [batch, heads, q_len, k_len] float32 array of
+        softmax probabilities per layer (k_len includes a prefix-tuning prefix) | None.
 Dropout is explicit and functional: no RNG state lives in the model; a training step passes
 `dropout_rng` (e.g. fold_in(key, step)) with `deterministic=False`.
+
+These follow Hugging Face's meanings. Exactly one of input_ids [batch, seq] and inputs_embeds
+[batch, seq, embed] is given; inputs_embeds replaces the word-embedding lookup
+`model.embed_tokens(input_ids)` (positions, token types and BERT's embedding LayerNorm still
+apply), so `model(inputs_embeds=model.embed_tokens(ids))` equals `model(ids)` and gradients can
+be taken with respect to the embeddings. The output flags are static Python bools: off, the
+traced program is the same as without them; on, attention takes the explicit softmax path (the
+fused kernel returns no probabilities), and with attention dropout in training the returned
+probabilities are those before dropout.
 
 The head is built and applied through its models.heads.HEADS entry; nothing here tests a head's
 name, so a new head needs no change to this file.
@@ -33,6 +47,8 @@ class ModelOutput:
     cache: Any = None
     start_logits: Optional[jax.Array] = None
     end_logits: Optional[jax.Array] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
 
 
 class Model(nnx.Module):
@@ -47,20 +63,33 @@ class Model(nnx.Module):
             self.backbone = GPT2Decoder(config, rngs=rngs)
         self.head = spec.build(config, num_labels, rngs)
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                 deterministic: bool = True, dropout_rng=None, cache=None, cache_index=None) -> ModelOutput:
+    def embed_tokens(self, input_ids):
+        """The word-embedding lookup [batch, seq, embed] of input_ids [batch, seq]: what `inputs_embeds` replaces."""
+        return self.backbone.embed_tokens(input_ids)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                 inputs_embeds=None, deterministic: bool = True, dropout_rng=None, cache=None, cache_index=None,
+                 output_attentions: bool = False, output_hidden_states: bool = False) -> ModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
         if not deterministic and dropout_rng is None:
             raise ValueError("deterministic=False needs a dropout_rng")
         rng = None if deterministic else dropout_rng
         backbone_rng = None if rng is None else jax.random.fold_in(rng, 0)
         head_rng = None if rng is None else jax.random.fold_in(rng, 1)
         extra = {} if cache is None else {"cache": cache, "cache_index": cache_index}
-        hidden, pooled, *new_cache = self.backbone(
-            input_ids, attention_mask, token_type_ids, position_ids, dropout_rng=backbone_rng, **extra
+        hidden, pooled, *rest = self.backbone(
+            input_ids, attention_mask, token_type_ids, position_ids, dropout_rng=backbone_rng,
+            inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions, **extra,
         )
+        new_cache = rest.pop(0) if cache is not None else None
+        hidden_states = rest.pop(0) if output_hidden_states else None
+        attentions = rest.pop(0) if output_attentions else None
         outputs = HEADS[self.head_name].apply(self.head, hidden, pooled, self, attention_mask, input_ids, head_rng)
         outputs = {name: value.astype(jnp.float32) for name, value in outputs.items()}
-        return ModelOutput(hidden, pooled, cache=new_cache[0] if new_cache else None, **outputs)
+        return ModelOutput(hidden, pooled, cache=new_cache, hidden_states=hidden_states, attentions=attentions,
+                           **outputs)
 
 
 def build_model(config: ModelConfig, head: str | None = None, num_labels: int = 2, *, rngs: nnx.Rngs | None = None,

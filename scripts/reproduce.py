@@ -35,6 +35,7 @@ import sys
 import time
 
 from flaxen.config import override, shell_word
+from flaxen.logging import git_commit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "results")
@@ -76,10 +77,22 @@ ROWS = {
                                           label="bert_mini, flaxen-pretrained, fine-tuned"),
     "bert_mini_scratch_conll2003": row("CoNLL-2003", "f1", ["validation", "test"], needs=["bert_mini_mlm"],
                                        label="bert_mini, from scratch"),
+    "minilm_sst2_dp": row("SST-2", "accuracy", ["validation"],
+                          label="all-MiniLM-L6-v2 + LoRA, DP-SGD (ε = 8, δ = 1/n)",
+                          note="Differentially private fine-tuning (flaxen/privacy.py): Poisson sampling q = 512/67,349, "
+                               "per-example clipping to norm 2, the noise multiplier chosen by the RDP accountant "
+                               "for epsilon <= 8 at delta = 1/n after 200 steps; one seed. `privacy` holds the "
+                               "accountant's epsilon, delta, noise multiplier, q and steps."),
+    "minilm_sst2_dp_baseline": row("SST-2", "accuracy", ["validation"],
+                                   label="all-MiniLM-L6-v2 + LoRA, non-private peer of minilm_sst2_dp",
+                                   note="The same model, LoRA, steps, batch size, schedule and data as minilm_sst2_dp "
+                                        "without clipping or noise (shuffled, length-grouped batches); one seed."),
 }
 # pretrained row -> the scratch row it must beat
 COMPARISONS = {"bert_mini_pretrained_sst2": "bert_mini_scratch_sst2",
                "bert_mini_pretrained_conll2003": "bert_mini_scratch_conll2003"}
+# private row -> its non-private peer on the same budget
+PRIVATE_PEERS = {"minilm_sst2_dp": "minilm_sst2_dp_baseline"}
 
 
 def run_dir_of(name: str, seed: int) -> str:
@@ -118,14 +131,6 @@ def _write_json(path: str, value) -> None:
         json.dump(value, f, indent=2)
         f.write("\n")
     os.replace(temporary, path)
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def host() -> str:
@@ -201,6 +206,8 @@ def seed_record(name: str, seed: int) -> dict:
         record["unigram_entropy"] = results["unigram_entropy"]
     if results.get("init_from") is not None:  # what a fine-tuning row started from (run, step, counts)
         record["init_from"] = results["init_from"]
+    if results.get("privacy") is not None:  # DP-SGD: epsilon, delta, noise multiplier, q, steps, accountant
+        record["privacy"] = results["privacy"]
     for split in spec["splits"]:
         path = os.path.join(run_dir, f"eval_{split}.json")
         report = _read_json(path)
@@ -236,6 +243,7 @@ def row_record(name: str, seeds: list[dict], commands: list[str]) -> dict:
     return {"row": name, "task": spec["task"], "label": spec["label"], "note": spec.get("note"), "metric": spec["metric"],
             "splits": spec["splits"], "summary": summary, "also": also, "target": target,
             "seeds": [s["seed"] for s in seeds], "runs": seeds, "commands": commands,
+            "privacy": seeds[0].get("privacy"),
             "wall_seconds_max": max(s["wall_seconds"] for s in seeds), "machine": machine(),
             "date": datetime.date.today().isoformat(), "git_commit": git_commit()}
 
@@ -311,6 +319,15 @@ def table(reports: dict) -> str:
             gaps = [f"{100 * (report['summary'][s]['mean'] - other['summary'][s]['mean']):+.2f}"
                     for s in report["splits"]]
             target_text = f"vs scratch: {' / '.join(gaps)} pts"
+        elif report["runs"][0].get("privacy") is not None:
+            private = report["runs"][0]["privacy"]
+            target_text = (f"ε {private['epsilon']:.2f} at δ {private['delta']:.2g} (σ {private['noise_multiplier']:.3f}, "
+                           f"{private['steps']} steps)")
+            peer = reports.get(PRIVATE_PEERS.get(name))
+            if peer is not None:
+                gaps = [f"{100 * (report['summary'][s]['mean'] - peer['summary'][s]['mean']):+.2f}"
+                        for s in report["splits"]]
+                target_text += f"; vs non-private: {' / '.join(gaps)} pts"
         elif report["metric"] == "loss" and report["runs"][0].get("unigram_entropy") is not None:
             target_text = f"unigram entropy {report['runs'][0]['unigram_entropy']:.2f}"
         else:

@@ -71,7 +71,7 @@ def make_cfg(run_dir: str, case: str, mesh: str | None = None, **overrides):
     for key, value in optimizer.items():
         OmegaConf.update(cfg.optimizer, key, value, merge=False)
     settings = dict(steps=STEPS, batch_size=BATCH, log_every=1, eval_every=0, eval_split=None, checkpoint_every=0,
-                    keep_checkpoints=1, progress_bar=False, tensorboard=False)
+                    keep_checkpoints=1, progress_bar=False, loggers=[])
     settings.update(overrides)
     for key, value in settings.items():
         OmegaConf.update(cfg, key, value, merge=False)

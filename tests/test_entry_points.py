@@ -38,7 +38,7 @@ log_every: 1
 eval_every: 2
 checkpoint_every: 2
 progress_bar: false
-tensorboard: false
+loggers: []
 """
 
 

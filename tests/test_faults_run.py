@@ -28,7 +28,7 @@ from flaxen.errors import ConfigError, DataError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["experiment=quickstart", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
          "model.num_layers=1", "data.synthetic.num_train=300", "data.synthetic.num_validation=40", "batch_size=8",
-         "eval_batch_size=16", "eval_batches=2", "schedule.warmup_steps=1", "progress_bar=false", "tensorboard=false"]
+         "eval_batch_size=16", "eval_batches=2", "schedule.warmup_steps=1", "progress_bar=false", "loggers=[]"]
 
 
 def make_cfg(run_dir, **overrides):
@@ -368,7 +368,7 @@ def event_files(directory):
 def test_a_resume_drops_what_was_logged_after_its_checkpoint(tmp_path, seq_task, finished_run):
     reference_dir, _ = finished_run
     run_dir = tmp_path / "run"
-    cfg = make_cfg(run_dir, tensorboard=True)
+    cfg = make_cfg(run_dir, loggers=["tensorboard"])
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.train(cfg, task_data=CrashingTaskData(seq_task, crash_at=7))
     assert [r["step"] for r in rows(run_dir) if "loss" in r] == [2, 4, 6]  # step 6: past the checkpoint at 4

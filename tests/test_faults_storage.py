@@ -286,7 +286,7 @@ def test_the_command_history_and_tokenizer_writes_name_path_and_cause(tmp_path, 
 def test_metrics_write_on_a_full_disk_leaves_no_half_line(tmp_path, monkeypatch):
     from flaxen import logging as run_logging
 
-    writer = run_logging.MetricsWriter(str(tmp_path), tensorboard=False)
+    writer = run_logging.MetricsWriter(str(tmp_path), loggers=[])
     writer.write(1, {"loss": 1.0})
 
     class FullFile:

@@ -24,7 +24,7 @@ def logged_run(tmp_path_factory, in_memory_task_data):
     cfg.task.name = "seq_cls"
     cfg.run_dir, cfg.data_dir = str(run_dir), str(run_dir)
     settings = {"steps": 6, "batch_size": 8, "eval_batch_size": 8, "log_every": 1, "eval_every": 3,
-                "checkpoint_every": 0, "progress_bar": False, "tensorboard": True}
+                "checkpoint_every": 0, "progress_bar": False, "loggers": ["tensorboard"]}
     for key, value in settings.items():
         OmegaConf.update(cfg, key, value, merge=False)
     loop.train(cfg, task_data=in_memory_task_data("seq_cls"))

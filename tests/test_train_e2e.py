@@ -16,7 +16,7 @@ from flaxen.errors import CheckpointError, ConfigError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64", "model.num_layers=1",
          "data.synthetic.num_train=300", "data.synthetic.num_validation=40", "batch_size=8", "eval_batch_size=16",
-         "progress_bar=false", "tensorboard=true"]
+         "progress_bar=false", "loggers=[tensorboard]"]
 
 
 def _entry(name):

@@ -35,7 +35,7 @@ def make_cfg(run_dir, **overrides):
     cfg.task.name = "seq_cls"
     cfg.run_dir, cfg.data_dir = str(run_dir), str(run_dir)
     settings = dict(steps=4, batch_size=8, log_every=2, eval_every=0, checkpoint_every=2, eval_batch_size=8,
-                    keep_checkpoints=5, progress_bar=False, tensorboard=False, optimizer={"lr": 1e-2})
+                    keep_checkpoints=5, progress_bar=False, loggers=[], optimizer={"lr": 1e-2})
     settings.update(overrides)
     for key, value in settings.items():
         OmegaConf.update(cfg, key, value, merge=True)
@@ -112,7 +112,8 @@ def test_results_record_the_peft_split(runs):
     assert saved["init_from"]["fresh"] == sorted(
         ".".join(k) for k in arrays(runs["lora_dir"], 4, items=("params",)) if k[0] != "head")
     spec = json.load(open(runs["lora_dir"] / "model.json"))
-    assert spec["peft"] == {**LORA, "alpha": 4.0, "rslora": False, "modules_to_save": []}
+    assert spec["peft"] == {**LORA, "alpha": 4.0, "rslora": False, "modules_to_save": [], "base_quantization": "none",
+                            "base_quantization_group_size": 0}
 
 
 def test_resumed_lora_run_is_bitwise_identical(runs):

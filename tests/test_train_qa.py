@@ -63,7 +63,7 @@ def qa_run(tmp_path_factory):
         "data.doc_stride=32", "data.bucket_lengths=[64,96]", "data.holdout_groups=1", "data.length_grouping=0",
         "data.tokenizer.kind=pretrained", f"data.tokenizer.path={models.minilm_path()}",
         "steps=4", "batch_size=8", "eval_batch_size=16", "eval_every=4", "log_every=2", "checkpoint_every=4",
-        "schedule.warmup_steps=1", "progress_bar=false", "tensorboard=false",
+        "schedule.warmup_steps=1", "progress_bar=false", "loggers=[]",
         f"data_dir={data_dir}", f"data.prepared_dir={base / 'prepared'}", f"run_dir={run_dir}"])
     results = _entry("train").run(cfg)
     evaluator = _entry("eval")

@@ -17,7 +17,7 @@ def make_cfg(run_dir, task="seq_cls", data_dir=None, **overrides):
     cfg.task.name = task
     cfg.run_dir, cfg.data_dir = str(run_dir), str(run_dir if data_dir is None else data_dir)
     settings = dict(steps=8, batch_size=8, log_every=2, eval_every=4, checkpoint_every=4, eval_batch_size=8,
-                    keep_checkpoints=5, progress_bar=False, tensorboard=False)
+                    keep_checkpoints=5, progress_bar=False, loggers=[])
     settings.update(overrides)
     for key, value in settings.items():
         OmegaConf.update(cfg, key, value, merge=False)

@@ -60,46 +60,74 @@ def _with_template(template: Template, a: Sequence[int], b: Optional[Sequence[in
     return ids, types, special
 
 
-def classification_row(tokenizer: Tokenizer, record: dict, max_length: int, regression: bool) -> dict:
-    """[CLS] text [SEP] (text_pair [SEP]) cut to `max_length` tokens (longest_first)."""
-    a = tokenizer.encode(record["text"])
-    pair = record.get("text_pair") or ""
-    if pair:
-        b = tokenizer.encode(pair)
+def single_inputs(tokenizer: Tokenizer, ids: Sequence[int]) -> dict:
+    """{input_ids, token_type_ids}: the tokenizer's special tokens around one sequence of ids."""
+    all_ids, types, _ = _with_template(tokenizer.single_template, ids)
+    return {"input_ids": np.asarray(all_ids, np.int32), "token_type_ids": np.asarray(types, np.int32)}
+
+
+def classification_inputs(tokenizer: Tokenizer, text: str, text_pair: str, max_length: int) -> tuple[dict, int]:
+    """({input_ids, token_type_ids}: [CLS] text [SEP] (text_pair [SEP]) cut to `max_length` tokens
+    (longest_first), the untruncated length in tokens with the special tokens)."""
+    a = tokenizer.encode(text)
+    if text_pair:
+        b = tokenizer.encode(text_pair)
         template = tokenizer.pair_template
         keep_a, keep_b = truncate_pair(len(a), len(b), max(max_length - template.num_special, 0))
         ids, types, _ = _with_template(template, a[:keep_a], b[:keep_b])
+        full = len(a) + len(b) + template.num_special
     else:
         template = tokenizer.single_template
         ids, types, _ = _with_template(template, a[:max(max_length - template.num_special, 0)])
-    label = np.float32(record["label"]) if regression else np.int32(record["label"])
-    return {"input_ids": np.asarray(ids, np.int32), "token_type_ids": np.asarray(types, np.int32), "labels": label}
+        full = len(a) + template.num_special
+    return {"input_ids": np.asarray(ids, np.int32), "token_type_ids": np.asarray(types, np.int32)}, full
 
 
-def tagging_row(tokenizer: Tokenizer, record: dict, max_length: int) -> dict:
-    """Words -> sub-tokens; each word's tag id on its first sub-token, -100 on the others and on
-    special tokens. A word the tokenizer maps to nothing becomes the unknown token, so every word
+def classification_row(tokenizer: Tokenizer, record: dict, max_length: int, regression: bool) -> dict:
+    """[CLS] text [SEP] (text_pair [SEP]) cut to `max_length` tokens (longest_first)."""
+    row, _ = classification_inputs(tokenizer, record["text"], record.get("text_pair") or "", max_length)
+    row["labels"] = np.float32(record["label"]) if regression else np.int32(record["label"])
+    return row
+
+
+def _word_pieces(tokenizer: Tokenizer, word: str) -> list[int]:
+    pieces = tokenizer.word_pieces(word)
+    if not pieces:
+        if tokenizer.unk_token_id is None:
+            raise ValueError(f"word {word!r} has no sub-tokens and the tokenizer has no unknown token")
+        pieces = [tokenizer.unk_token_id]
+    return pieces
+
+
+def tagging_inputs(tokenizer: Tokenizer, words: Sequence[str], max_length: int) -> tuple[dict, np.ndarray, int]:
+    """Words -> ({input_ids, token_type_ids, word_count}: [CLS] sub-tokens [SEP] cut to `max_length`,
+    the position of each kept word's first sub-token, the untruncated length in tokens with the
+    special tokens). A word the tokenizer maps to nothing becomes the unknown token, so every word
     keeps a position; words past `max_length` are cut (counted in `word_count`)."""
     template = tokenizer.single_template
     budget = max(max_length - template.num_special, 0)
-    ids, labels = [], []
-    for word, tag in zip(record["tokens"], record["tags"]):
+    ids, firsts, full = [], [], template.num_special
+    for word in words:
+        pieces = _word_pieces(tokenizer, word)
+        full += len(pieces)
         if len(ids) >= budget:
-            break
-        pieces = tokenizer.word_pieces(word)
-        if not pieces:
-            if tokenizer.unk_token_id is None:
-                raise ValueError(f"word {word!r} has no sub-tokens and the tokenizer has no unknown token")
-            pieces = [tokenizer.unk_token_id]
-        pieces = pieces[:budget - len(ids)]
-        ids.extend(pieces)
-        labels.append(tag)
-        labels.extend([IGNORE_INDEX] * (len(pieces) - 1))
-    all_ids, types, special = _with_template(template, ids)
-    label_row = np.full(len(all_ids), IGNORE_INDEX, np.int32)
-    label_row[~np.asarray(special, bool)] = labels
-    return {"input_ids": np.asarray(all_ids, np.int32), "token_type_ids": np.asarray(types, np.int32),
-            "labels": label_row, "word_count": np.int32(len(record["tokens"]))}
+            continue
+        firsts.append(len(ids))
+        ids.extend(pieces[:budget - len(ids)])
+    all_ids, types, _ = _with_template(template, ids)
+    row = {"input_ids": np.asarray(all_ids, np.int32), "token_type_ids": np.asarray(types, np.int32),
+           "word_count": np.int32(len(words))}
+    return row, np.asarray(firsts, np.int64) + len(template.prefix), full
+
+
+def tagging_row(tokenizer: Tokenizer, record: dict, max_length: int) -> dict:
+    """Words -> sub-tokens (`tagging_inputs`); each word's tag id on its first sub-token, -100 on the
+    others and on special tokens."""
+    row, firsts, _ = tagging_inputs(tokenizer, record["tokens"], max_length)
+    labels = np.full(len(row["input_ids"]), IGNORE_INDEX, np.int32)
+    labels[firsts] = np.asarray(record["tags"], np.int32)[:len(firsts)]
+    row["labels"] = labels
+    return row
 
 
 def pack(sequences: Sequence[Sequence[int]], budget: int) -> list[list[int]]:

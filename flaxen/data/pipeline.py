@@ -20,6 +20,9 @@ similar length and mostly fall in the small buckets (HF Trainer's group_by_lengt
 function of the batch index, so resume stays exact). Each process groups its own shard, so P
 processes see the same rows per window as one process, in other batches.
 
+`poisson_loader` (DP-SGD, flaxen.privacy) instead draws each train batch as a Poisson sample of
+the split's records, a pure function of (seed, batch index): see PoissonLoader.
+
 Rows come from the task (flaxen/tasks/<name>.py: `rows`, `collate`, `num_examples`): e.g.
 classification and tagging rows are tokenized on the fly from the records, mlm rows are packed
 sentences masked afresh each epoch, clm rows are windows of the split's token stream. Records are read from the tfds data source once per split and kept in memory (SST-2 train,
@@ -99,6 +102,71 @@ class Loader:
         if "next_index" not in state:
             raise CheckpointError("the data iterator state has no 'next_index'")
         self._iterator.set_state({"next_index": int(state["next_index"])})
+
+
+class PoissonLoader:
+    """Poisson-sampled train batches (DP-SGD, flaxen.privacy): batch `index` holds each of the n
+    examples of the split independently with probability `rate`, drawn from (seed, index) alone, so
+    `get_state()` / `set_state()` (the next index and the overflow counters) resume exactly.
+
+    Every batch has `max_rows` rows (static shapes): the drawn examples, in stored order, then
+    padding rows (`valid` = 0). A draw of more than max_rows examples keeps a random max_rows of
+    them and counts the batch in `truncated_batches` (and the examples left out in `dropped_rows`).
+    With P processes process p takes rows p, p + P, ... of the batch (max_rows / P rows), padded to
+    the bucket length of the whole batch's longest row, so every process's arrays have one shape.
+    Endless, like a train loader."""
+
+    def __init__(self, rows, num_examples: int, rate: float, max_rows: int, seed: int, collate, buckets, meta: dict,
+                 process_index: int = 0, process_count: int = 1):
+        if max_rows % process_count:
+            raise ConfigError(f"a Poisson batch of {max_rows} rows does not split over {process_count} processes")
+        self._rows, self._n, self._rate, self._max_rows = rows, int(num_examples), float(rate), int(max_rows)
+        self._seed, self._collate, self._buckets, self._meta = seed, collate, list(buckets), meta
+        self._process_index, self._process_count = process_index, process_count
+        self._next, self.truncated_batches, self.dropped_rows = 0, 0, 0
+        self.last_drawn = 0
+
+    def __iter__(self):
+        return self
+
+    def sample(self, index: int) -> tuple[np.ndarray, int]:
+        """(the indices of batch `index`'s examples, ascending; how many were drawn before truncation)."""
+        rng = np.random.default_rng([self._seed, int(index)])
+        chosen = np.flatnonzero(rng.random(self._n) < self._rate)
+        drawn = len(chosen)
+        if drawn > self._max_rows:
+            chosen = np.sort(rng.choice(chosen, self._max_rows, replace=False))
+        return chosen, drawn
+
+    def __next__(self) -> dict:
+        chosen, drawn = self.sample(self._next)
+        self._next += 1
+        self.last_drawn = drawn
+        if drawn > self._max_rows:
+            self.truncated_batches += 1
+            self.dropped_rows += drawn - self._max_rows
+        rows = [self._rows[int(i)] for i in chosen]
+        longest = max((len(row["input_ids"]) for row in rows), default=1)
+        buckets = [b for b in self._buckets if b >= longest] or self._buckets
+        rows += [encoding.PADDING] * (self._max_rows - len(rows))
+        local = rows[self._process_index::self._process_count]
+        return self._collate(local, self._max_rows // self._process_count, buckets)
+
+    def get_state(self) -> dict:
+        return {**self._meta, "next_index": self._next, "truncated_batches": self.truncated_batches,
+                "dropped_rows": self.dropped_rows}
+
+    def set_state(self, state: dict) -> None:
+        mismatched = [f"{key}: saved {state.get(key)!r}, now {value!r}" for key, value in self._meta.items()
+                      if state.get(key) != value]
+        if mismatched:
+            raise CheckpointError("the data iterator state does not belong to this loader (" + "; ".join(mismatched)
+                                  + "); resuming would not replay the same batches")
+        if "next_index" not in state:
+            raise CheckpointError("the data iterator state has no 'next_index'")
+        self._next = int(state["next_index"])
+        self.truncated_batches = int(state.get("truncated_batches", 0))
+        self.dropped_rows = int(state.get("dropped_rows", 0))
 
 
 class _LengthGrouped:
@@ -233,6 +301,27 @@ class TaskData:
         if train and group > 1:
             meta["length_grouping"] = int(group)
         return Loader(batches, meta, self.cfg.loader_threads, num_batches)
+
+
+    def poisson_loader(self, split: str, *, rate: float, max_rows: int, seed: int, process_index: int = 0,
+                       process_count: int = 1) -> PoissonLoader:
+        """Poisson-sampled batches of `split` (DP-SGD; see PoissonLoader): each example in a batch
+        with probability `rate`, `max_rows` rows per batch (this process: max_rows / process_count).
+        For tasks whose rows are records (task.example_rows)."""
+        task = self.task
+        if not task.example_rows:
+            raise ConfigError(f"Poisson sampling draws records, but task {task.name}'s rows are not one record each")
+        if not 0 < rate <= 1:
+            raise ConfigError(f"Poisson sampling rate {rate}: expected a value in (0, 1]")
+        rows = task.rows(self, split, False, seed)
+        pad_id = self.tokenizer.pad_token_id
+        meta = {"data": os.path.basename(os.path.dirname(self.prepared.path)), "split": split, "task": task.name,
+                "sampling": "poisson", "rate": float(rate), "max_rows": int(max_rows), "seed": int(seed),
+                "train": True, "process_index": int(process_index), "process_count": int(process_count),
+                "vocab_size": int(self.tokenizer.vocab_size)}
+        return PoissonLoader(rows, self.num_examples(split), rate, max_rows, seed32(seed, 7),
+                             lambda batch_rows, size, buckets: task.collate(batch_rows, size, buckets, pad_id),
+                             task.buckets(self.cfg), meta, process_index, process_count)
 
 
 # ---------------------------------------------------------------- entry point

@@ -26,11 +26,26 @@ Host (evaluation, after the device outputs are gathered):
     evaluate(outputs, host, data, split, task_cfg) -> (metrics dict, predictions or None)
     metric_names(cfg, data)             the scalar metrics `evaluate` returns (checked at start-up)
 
+Prediction (predict.py through flaxen.predict; `run` is flaxen.inference's TrainedRun):
+    predict_records(path, cfg, options)  a file of inputs -> records (each with `where`: "PATH:LINE")
+    predict_rows(records, run, options)  records -> unpadded rows as training encodes them
+    prediction_buckets / prediction_collate / prediction_step   batches and the jitted forward pass
+    prediction_outputs(output, batch, options)   what leaves the device (traced)
+    format_predictions(records, rows, outputs, run, options) -> one JSON-ready dict per record
+    hf_pipeline                         the transformers pipeline of the exported model (export.py)
+
+Explanation (one example, host; flaxen.attribution and scripts/explain.py):
+    explain_row(tokenizer, data_cfg, text, text_pair, context)  one raw input -> a row, as training encodes it
+    attribution_targets(output, row, ...)   the output scalars an attribution explains (AttributionTarget)
+    describe_prediction(output, row, targets, label_names) -> (prediction in words, {name: probability})
+Tasks without them (the language models) raise ConfigError naming the tasks that have them.
+
 Batches follow the data contract: `labels` is IGNORE_INDEX wherever nothing is scored and `valid`
 ([batch], 1 for real rows) marks padding rows of an eval split's last batch.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -52,6 +67,16 @@ def register(cls):
 
 def names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributionTarget:
+    """One scalar of a model's output for one example: `output.<field>[0, *index]` (flaxen.attribution
+    differentiates it). name: what it is, in words ("logit of 'positive'")."""
+
+    name: str
+    field: str
+    index: tuple[int, ...]
 
 
 def get(name: Any) -> "Task":
@@ -81,6 +106,9 @@ class Task:
     special_tokens: bool = True
     # metric names where smaller is better (a user-chosen best_metric takes its mode from here)
     lower_is_better: tuple[str, ...] = ("loss", "perplexity")
+    # whether each train row is exactly one stored record (and a record exactly one row): the
+    # example DP-SGD protects (flaxen.privacy); its per-example loss is loss_terms on that one row
+    example_rows: bool = False
 
     # ------------------------------------------------------------------ config
 
@@ -189,6 +217,79 @@ class Task:
         loop checks before the first step that best_metric is one of them."""
         return ("loss", "num_examples")
 
+    # ------------------------------------------------------------------ prediction (predict.py, export.py)
+
+    # the transformers pipeline that serves this task's exported model (export.py's README.md)
+    hf_pipeline: Optional[str] = None
+
+    def predict_records(self, path: str, cfg: Any, options: Any) -> list[dict]:
+        """The inputs of file `path` (read with flaxen.predict's readers; `cfg` is the run's
+        TrainConfig, `options` the flaxen.predict.PredictConfig), each with `where` ("PATH:LINE")."""
+        raise ConfigError(f"task {self.name} has no prediction; tasks with one: "
+                          + ", ".join(t.name for t in _REGISTRY.values()
+                                      if type(t).predict_records is not Task.predict_records))
+
+    def predict_rows(self, records: list[dict], run: Any, options: Any) -> list[dict]:
+        """Unpadded model rows as training encodes them (numpy), for `run` (flaxen.inference's
+        TrainedRun: cfg, model, tokenizer, label_names); DataError naming an input's `where` when it
+        is over the run's length limit and options.truncate is false."""
+        raise NotImplementedError
+
+    def prediction_buckets(self, run: Any, options: Any, longest: int) -> list[int]:
+        """The padded lengths of prediction batches: training's buckets (and `longest`, the longest
+        row, when it is beyond them)."""
+        buckets = sorted(self.buckets(run.cfg.data))
+        return buckets if buckets and buckets[-1] >= longest else buckets + [longest]
+
+    def prediction_collate(self, rows: Sequence, batch_size: int, buckets: Sequence[int], pad_id: int) -> dict:
+        """Rows (or encoding.PADDING) -> a batch with the model's inputs, padded on the right."""
+        from flaxen.data import encoding
+
+        return encoding.collate(rows, batch_size, buckets, pad_id, token_fields={"token_type_ids": (np.int32, 0)})
+
+    def prediction_step(self, run: Any, options: Any):
+        """batch -> {name: numpy [batch, ...]}: by default one jitted forward pass returning
+        `prediction_outputs` (flaxen.predict.forward_step)."""
+        from flaxen.predict import forward_step
+
+        return forward_step(self, run.model, options)
+
+    def prediction_outputs(self, output: Any, batch: dict, options: Any) -> dict:
+        """What leaves the device per prediction batch (traced; `output` is the models.ModelOutput)."""
+        raise NotImplementedError
+
+    def format_predictions(self, records: list[dict], rows: list[dict], outputs: list[dict], run: Any,
+                           options: Any) -> list[dict]:
+        """One JSON-ready dict per record; outputs[i] holds row i's slice of each prediction output."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ explanation (host, one example)
+
+    def _not_explainable(self) -> ConfigError:
+        able = sorted(task.name for task in _REGISTRY.values()
+                      if type(task).attribution_targets is not Task.attribution_targets)
+        return ConfigError(f"task {self.name} has no attribution target (no output scalar that explains its "
+                           f"prediction is defined for it); tasks that can be explained: {', '.join(able)}")
+
+    def explain_row(self, tokenizer: Any, data_cfg: Any, text: str, text_pair: Optional[str] = None,
+                    context: Optional[str] = None) -> dict:
+        """One raw input as the unpadded row training makes of it (numpy: input_ids [T'],
+        token_type_ids [T'], and the task's own fields)."""
+        raise self._not_explainable()
+
+    def attribution_targets(self, output: Any, row: dict, *, target: Any = None, position: Any = None,
+                            span: Any = None, label_names: Optional[Sequence[str]] = None) -> list[AttributionTarget]:
+        """The output scalars that explain the model's prediction on `row` (`output`: the
+        models.ModelOutput of that row as a batch of one, no padding). `target` (a label name or
+        index), `position` (a token index) and `span` ((start, end) or "start:end") choose among
+        them where the task has a choice; unset, the model's own prediction is explained."""
+        raise self._not_explainable()
+
+    def describe_prediction(self, output: Any, row: dict, targets: Sequence[AttributionTarget],
+                            label_names: Optional[Sequence[str]] = None) -> tuple[str, dict[str, float]]:
+        """(the prediction in words, {name: probability} of the distribution the targets belong to)."""
+        raise self._not_explainable()
+
 
 # ---------------------------------------------------------------------- shared pieces of tasks
 
@@ -214,6 +315,36 @@ def token_cross_entropy(logits, labels):
     safe = jnp.where(mask, labels, 0)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
     return jnp.where(mask, losses, 0.0), mask
+
+
+def label_index(value: Any, names: Optional[Sequence[str]], count: int, key: str = "target") -> int:
+    """The index of label `value` (a name, or an index as int or digits) among `count` labels;
+    ConfigError naming `key` and the choices."""
+    names = list(names) if names else [str(i) for i in range(count)]
+    if isinstance(value, str) and value in names:
+        return names.index(value)
+    try:
+        index = int(value)
+    except (TypeError, ValueError):
+        index = None
+    if index is None or isinstance(value, float) or not 0 <= index < count:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(names)} (or an index 0-{count - 1})")
+    return index
+
+
+def check_unused(task: "Task", **given: Any) -> None:
+    """ConfigError naming each explanation option set that `task` has no use for."""
+    unused = [key for key, value in given.items() if value is not None]
+    if unused:
+        raise ConfigError(f"task {task.name} takes no {' or '.join(f'{key}=' for key in unused)} to choose what "
+                          "to explain")
+
+
+def softmax(logits) -> np.ndarray:
+    """float64 probabilities over the last axis."""
+    logits = np.asarray(logits, np.float64)
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    return shifted / shifted.sum(-1, keepdims=True)
 
 
 def valid_rows(batch: dict):
@@ -250,6 +381,7 @@ class RecordTask(Task):
     length-grouped (data.length_grouping)."""
 
     labelled = True
+    example_rows = True
 
     def label_names(self, prepared: Any) -> Optional[list[str]]:
         return list(prepared.label_names) if prepared.label_names else None

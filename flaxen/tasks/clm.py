@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from flaxen.data import encoding
-from flaxen.errors import DataError
+from flaxen.errors import ConfigError, DataError
 from flaxen.tasks.base import IGNORE_INDEX, register
 from flaxen.tasks.language_model import LanguageModelTask
 
@@ -76,3 +76,103 @@ class CausalLanguageModel(LanguageModelTask):
 
     def unigram_ids(self, data: Any) -> np.ndarray:
         return token_stream(data, "train")
+
+    # ------------------------------------------------------------------ prediction (predict.py)
+
+    hf_pipeline = "text-generation"
+
+    @staticmethod
+    def _prompt_room(run: Any, options: Any) -> int:
+        limit = run.model.config.max_position_embeddings
+        room = limit - options.max_new_tokens
+        if room < 1:
+            raise ConfigError(f"max_new_tokens={options.max_new_tokens} leaves no room for a prompt within the "
+                              f"model's max_position_embeddings={limit}")
+        return room
+
+    def predict_records(self, path, cfg, options):
+        from flaxen import predict
+
+        predict.input_format(path, options, self.name, ("lines",))
+        return predict.read_lines(path, "one prompt per line")
+
+    def predict_rows(self, records, run, options):
+        """The prompt's ids, as the training stream holds text (no special tokens). A prompt plus
+        max_new_tokens must fit the model's positions; truncate=true keeps the prompt's end."""
+        room = self._prompt_room(run, options)
+        limit = run.model.config.max_position_embeddings
+        rows = []
+        for record in records:
+            ids = run.tokenizer.encode(record["text"])
+            if not ids:
+                raise DataError(f"{record['where']}: the prompt encodes to no tokens")
+            if len(ids) > room:
+                if not options.truncate:
+                    raise DataError(f"{record['where']}: {len(ids)} tokens and max_new_tokens={options.max_new_tokens} "
+                                    f"are more than the model's max_position_embeddings={limit}; shorten the prompt, "
+                                    f"lower max_new_tokens or pass truncate=true to keep its last {room} tokens")
+                ids = ids[-room:]
+            rows.append({"input_ids": np.asarray(ids, np.int32)})
+        return rows
+
+    def prediction_buckets(self, run, options, longest):
+        """Prompt lengths 8, 16, 32, ... up to the room max_new_tokens leaves (one compiled
+        generation loop each)."""
+        room = self._prompt_room(run, options)
+        buckets, length = [], 8
+        while length < room:
+            buckets.append(length)
+            length *= 2
+        return buckets + [room]
+
+    def prediction_collate(self, rows, batch_size, buckets, pad_id):
+        """Prompts padded on the left (what models.generate continues); a padding row is one pad
+        token, generated from and dropped."""
+        real = [row for row in rows if row is not encoding.PADDING]
+        longest = max(len(row["input_ids"]) for row in real)
+        length = next(b for b in buckets if b >= longest)
+        input_ids = np.full((batch_size, length), pad_id, np.int32)
+        attention_mask = np.zeros((batch_size, length), np.int32)
+        attention_mask[:, -1] = 1
+        for index, row in enumerate(rows):
+            if row is encoding.PADDING:
+                continue
+            n = len(row["input_ids"])
+            input_ids[index, length - n:] = row["input_ids"]
+            attention_mask[index, length - n:] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def prediction_step(self, run, options):
+        """models.generate: greedy, or sampled (do_sample, temperature, top_k, top_p) from `seed`;
+        stops at the end-of-text token the training stream puts between texts (eos, else sep)."""
+        import jax
+
+        import models
+
+        tokenizer = run.tokenizer
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        key = jax.random.key(options.seed)
+        calls = [0]
+
+        def step(batch):
+            tokens = models.generate(run.model, batch["input_ids"], batch["attention_mask"],
+                                     max_new_tokens=options.max_new_tokens, do_sample=options.do_sample,
+                                     temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+                                     eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                     rng=jax.random.fold_in(key, calls[0]))
+            calls[0] += 1
+            return {"new_tokens": np.asarray(tokens)[:, batch["input_ids"].shape[1]:]}
+
+        return step
+
+    def format_predictions(self, records, rows, outputs, run, options):
+        """{"prompt", "completion"}: the new tokens up to the end-of-text token, decoded."""
+        tokenizer = run.tokenizer
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        out = []
+        for record, output in zip(records, outputs):
+            ids = [int(i) for i in output["new_tokens"]]
+            if eos is not None and eos in ids:
+                ids = ids[:ids.index(eos)]
+            out.append({"prompt": record["text"], "completion": tokenizer.decode(ids)})
+        return out

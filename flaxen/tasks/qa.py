@@ -27,6 +27,9 @@ last context token when the answer starts in that token (its comment calls it an
 labels the final [SEP]; here the walk stops at the last context token, so such an answer is
 labelled with its own token. Everything else (ids, types, offsets, windows, labels) is identical;
 tests/test_qa_task.py checks it against transformers' tokenizer and run_qa's labelling code.
+
+Attribution targets: two, the start logit at the answer's first token and the end logit at its
+last (default: the span `best_answer` picks), as captum's BERT SQuAD tutorial attributes them.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import numpy as np
 from flaxen import metrics
 from flaxen.data import encoding
 from flaxen.errors import ConfigError, DataError
-from flaxen.tasks.base import Task, epochs, register
+from flaxen.tasks.base import AttributionTarget, Task, check_unused, epochs, register, softmax
 
 # salt of the train shuffle's grain seed (flaxen.data.pipeline.seed32)
 SHUFFLE_SALT = 7
@@ -173,22 +176,33 @@ def best_answer(context: str, windows: Sequence[tuple[np.ndarray, np.ndarray, np
     writes "empty")."""
     best_score, best_span = None, None
     for start_logits, end_logits, offsets in windows:
-        start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
-        offsets = np.asarray(offsets)
-        starts = np.argsort(start_logits)[-1:-n_best_size - 1:-1].tolist()
-        ends = np.argsort(end_logits)[-1:-n_best_size - 1:-1].tolist()
-        for s in starts:
-            if offsets[s][0] < 0:
-                continue
-            for e in ends:
-                if offsets[e][0] < 0 or e < s or e - s + 1 > max_answer_length:
-                    continue
-                score = start_logits[s] + end_logits[e]
-                if best_score is None or score > best_score:
-                    best_score, best_span = score, (int(offsets[s][0]), int(offsets[e][1]))
+        found = best_span_tokens(start_logits, end_logits, offsets, n_best_size, max_answer_length)
+        if found is not None and (best_score is None or found[2] > best_score):
+            offsets = np.asarray(offsets)
+            best_score, best_span = found[2], (int(offsets[found[0]][0]), int(offsets[found[1]][1]))
     if best_span is None:
         return ""
     return context[best_span[0]:best_span[1]]
+
+
+def best_span_tokens(start_logits, end_logits, offsets, n_best_size: int = 20,
+                     max_answer_length: int = 30) -> tuple[int, int, float] | None:
+    """(start token, end token, score) of one window's best answer by `best_answer`'s rule, or None."""
+    start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
+    offsets = np.asarray(offsets)
+    starts = np.argsort(start_logits)[-1:-n_best_size - 1:-1].tolist()
+    ends = np.argsort(end_logits)[-1:-n_best_size - 1:-1].tolist()
+    best = None
+    for s in starts:
+        if offsets[s][0] < 0:
+            continue
+        for e in ends:
+            if offsets[e][0] < 0 or e < s or e - s + 1 > max_answer_length:
+                continue
+            score = start_logits[s] + end_logits[e]
+            if best is None or score > best[2]:
+                best = (s, e, score)
+    return best
 
 
 # ---------------------------------------------------------------------- the task
@@ -311,3 +325,100 @@ class QuestionAnswering(Task):
         result["num_examples"] = len(references)
         result.update(scores)
         return result, predictions
+
+    # ------------------------------------------------------------------ prediction (predict.py)
+
+    hf_pipeline = "question-answering"
+
+    def predict_records(self, path, cfg, options):
+        """SQuAD-format JSON (answers, if any, ignored) or JSONL of {"question", "context"[, "id"]}."""
+        from flaxen import predict
+
+        return predict.read_questions(path, predict.input_format(path, options, self.name, ("squad", "jsonl")))
+
+    def predict_rows(self, records, run, options):
+        """Each question's windows (`features`, as evaluation makes them; a long context is cut into
+        windows, never truncated)."""
+        cfg = run.cfg.data
+        rows = []
+        for index, record in enumerate(records):
+            # no gold answer: the features' start/end labels are not used
+            unlabelled = {**record, "answer_texts": [""], "answer_starts": [0]}
+            try:
+                rows += features(run.tokenizer, unlabelled, cfg.max_length, cfg.doc_stride, index)
+            except ConfigError as error:
+                raise DataError(f"{record['where']}: {error}") from None
+        return rows
+
+    def prediction_outputs(self, output, batch, options):
+        return {"start_logits": output.start_logits.astype(jnp.float32),
+                "end_logits": output.end_logits.astype(jnp.float32)}
+
+    def format_predictions(self, records, rows, outputs, run, options):
+        """{"id", "answer", "score"}: the span evaluation picks (`best_span_tokens` over the
+        question's windows, by start + end logit); score = p(start) · p(end) under the softmax over
+        that window's tokens, as the loss scores them ("" and 0.0 when no span qualifies)."""
+        task_cfg = run.cfg.task
+        n_best_size, max_answer_length = int(task_cfg.n_best_size), int(task_cfg.max_answer_length)
+        best: dict[int, tuple] = {}
+        for row, output in zip(rows, outputs):
+            n = len(row["input_ids"])
+            starts, ends = np.asarray(output["start_logits"])[:n], np.asarray(output["end_logits"])[:n]
+            found = best_span_tokens(starts, ends, row["offsets"], n_best_size, max_answer_length)
+            example = row["example_index"]
+            if found is not None and (example not in best or found[2] > best[example][0]):
+                s, e, logit_sum = found
+                probability = float(softmax(starts)[s] * softmax(ends)[e])
+                best[example] = (logit_sum, int(row["offsets"][s][0]), int(row["offsets"][e][1]), probability)
+        out = []
+        for index, record in enumerate(records):
+            if index in best:
+                _, start, end, probability = best[index]
+                out.append({"id": record["id"], "answer": record["context"][start:end], "score": probability})
+            else:
+                out.append({"id": record["id"], "answer": "", "score": 0.0})
+        return out
+
+    # ------------------------------------------------------------------ explanation
+
+    def explain_row(self, tokenizer, data_cfg, text, text_pair=None, context=None) -> dict:
+        """The question `text` over `context`: its first window (the row keeps `context`)."""
+        check_unused(self, text_pair=text_pair)
+        if not context:
+            raise ConfigError("task qa explains an answer: give the question as text=... and the passage as "
+                              "context=...")
+        record = {"id": "explain", "question": text, "context": context, "answer_texts": [""], "answer_starts": [0]}
+        row = features(tokenizer, record, data_cfg.max_length, data_cfg.doc_stride)[0]
+        return {**row, "context": context}
+
+    def attribution_targets(self, output, row, *, target=None, position=None, span=None, label_names=None):
+        check_unused(self, target=target, position=position)
+        length = len(row["input_ids"])
+        if span is None:
+            found = best_span_tokens(np.asarray(output.start_logits)[0, :length],
+                                     np.asarray(output.end_logits)[0, :length], row["offsets"])
+            start, end = (found[0], found[1]) if found is not None else (0, 0)
+        else:
+            parts = span.split(":") if isinstance(span, str) else list(span)
+            try:
+                start, end = (int(p) for p in parts)
+            except (TypeError, ValueError):
+                start = end = -1
+            if not 0 <= start <= end < length:
+                raise ConfigError(f"span={span!r}: expected START:END, token indices with 0 <= START <= END < "
+                                  f"{length}")
+        return [AttributionTarget(f"start logit at token {start}", "start_logits", (int(start),)),
+                AttributionTarget(f"end logit at token {end}", "end_logits", (int(end),))]
+
+    def describe_prediction(self, output, row, targets, label_names=None):
+        start, end = targets[0].index[0], targets[1].index[0]
+        offsets = np.asarray(row["offsets"])
+        if offsets[start][0] >= 0 and offsets[end][0] >= 0:
+            answer = repr(row["context"][offsets[start][0]:offsets[end][1]])
+        else:
+            answer = "(no answer inside the context)"
+        length = len(row["input_ids"])
+        p_start = softmax(np.asarray(output.start_logits)[0, :length])[start]
+        p_end = softmax(np.asarray(output.end_logits)[0, :length])[end]
+        return f"tokens {start}-{end}: {answer}", {f"start at token {start}": float(p_start),
+                                                   f"end at token {end}": float(p_end)}

@@ -4,6 +4,11 @@ Rows: [CLS] text [SEP] (text_pair [SEP]) cut to data.max_length (longest_first),
 (int32, or float32 for regression data). Logits [batch, num_labels]; num_labels = 1 is regression
 (squared error). Metrics: loss, accuracy, macro_f1 and a per-class report (regression: loss, the
 mean squared error).
+
+Attribution target: the logit of one class (default: the predicted one), as captum's Hugging Face
+tutorials attribute a model's raw output with `target=class`. The logit rather than the
+log-probability: a class's log-probability also moves with every other class's logit, so its
+attributions mix in evidence about the other classes. Regression: the predicted value.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ import numpy as np
 from flaxen import metrics
 from flaxen.data import encoding
 from flaxen.errors import ConfigError
-from flaxen.tasks.base import IGNORE_INDEX, RecordTask, register, token_cross_entropy, valid_rows
+from flaxen.tasks.base import (IGNORE_INDEX, AttributionTarget, RecordTask, check_unused, label_index, register,
+                               softmax, token_cross_entropy, valid_rows)
 
 
 @register
@@ -79,3 +85,80 @@ class SequenceClassification(RecordTask):
         if self.num_labels(cfg, data) == 1:  # regression: the loss is the mean squared error
             return super().metric_names(cfg, data)
         return super().metric_names(cfg, data) + ("accuracy", "macro_f1")
+
+    # ------------------------------------------------------------------ prediction (predict.py)
+
+    hf_pipeline = "text-classification"
+
+    def predict_records(self, path, cfg, options):
+        """One text per line, or a TSV/CSV/JSONL file with the run's data.text_columns (a pair
+        when the run had two)."""
+        from flaxen import predict
+
+        columns = [str(c) for c in cfg.data.text_columns]
+        form = predict.input_format(path, options, self.name, ("lines", "tsv", "csv", "jsonl"))
+        if form == "lines":
+            if len(columns) > 1:
+                raise ConfigError(f"{path}: the run classifies text pairs (data.text_columns={columns}); give a TSV, "
+                                  "CSV or JSONL file with those columns")
+            return [{"where": r["where"], "text": r["text"], "text_pair": ""}
+                    for r in predict.read_lines(path, "one text per line")]
+        return [{"where": r["where"], "text": r[columns[0]], "text_pair": r[columns[1]] if len(columns) > 1 else ""}
+                for r in predict.read_table(path, form, cfg.data.header, columns)]
+
+    def predict_rows(self, records, run, options):
+        from flaxen import predict
+
+        limit = run.cfg.data.max_length
+        rows = []
+        for record in records:
+            row, length = encoding.classification_inputs(run.tokenizer, record["text"], record["text_pair"], limit)
+            if length > limit and not options.truncate:
+                raise predict.too_long(record["where"], length, limit, "data.max_length")
+            rows.append(row)
+        return rows
+
+    def prediction_outputs(self, output, batch, options):
+        import jax
+
+        logits = output.logits.astype(jnp.float32)
+        if logits.shape[-1] == 1:
+            return {"value": logits[:, 0]}
+        return {"probabilities": jax.nn.softmax(logits, axis=-1)}
+
+    def format_predictions(self, records, rows, outputs, run, options):
+        """{"label", "probabilities": {label: p}} per input (regression: {"value"})."""
+        if "value" in outputs[0]:
+            return [{"value": float(o["value"])} for o in outputs]
+        count = len(outputs[0]["probabilities"])
+        names = list(run.label_names) if run.label_names else [str(i) for i in range(count)]
+        out = []
+        for o in outputs:
+            p = np.asarray(o["probabilities"], np.float64)
+            out.append({"label": names[int(np.argmax(p))], "probabilities": dict(zip(names, p.tolist()))})
+        return out
+
+    # ------------------------------------------------------------------ explanation
+
+    def explain_row(self, tokenizer, data_cfg, text, text_pair=None, context=None) -> dict:
+        check_unused(self, context=context)
+        record = {"text": text, "text_pair": text_pair or "", "label": 0}
+        return encoding.classification_row(tokenizer, record, data_cfg.max_length, regression=False)
+
+    def attribution_targets(self, output, row, *, target=None, position=None, span=None, label_names=None):
+        check_unused(self, position=position, span=span)
+        logits = np.asarray(output.logits)[0]
+        if logits.shape[-1] == 1:
+            check_unused(self, target=target)
+            return [AttributionTarget("predicted value", "logits", (0,))]
+        index = int(np.argmax(logits)) if target is None else label_index(target, label_names, logits.shape[-1])
+        name = label_names[index] if label_names else str(index)
+        return [AttributionTarget(f"logit of {name!r}", "logits", (index,))]
+
+    def describe_prediction(self, output, row, targets, label_names=None):
+        logits = np.asarray(output.logits)[0]
+        if logits.shape[-1] == 1:
+            return f"{float(logits[0]):.4g}", {}
+        names = list(label_names) if label_names else [str(i) for i in range(logits.shape[-1])]
+        probabilities = softmax(logits)
+        return names[int(np.argmax(logits))], {name: float(p) for name, p in zip(names, probabilities)}

@@ -6,6 +6,9 @@ Metrics: loss; with an IOB tag scheme, entity precision / recall / F1 on words (
 conventions) and a per-type report; otherwise word accuracy, macro_f1 and a per-tag report.
 Words come back from sub-tokens through the labels; words cut off by truncation count as
 predicted `O`.
+
+Attribution target: the logit of one tag (default: the predicted one) at one token position
+(default: the first word's first sub-token, the first position training scores).
 """
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ import numpy as np
 
 from flaxen import metrics
 from flaxen.data import encoding
-from flaxen.errors import DataError
-from flaxen.tasks.base import IGNORE_INDEX, RecordTask, TokenTask, register
+from flaxen.errors import ConfigError, DataError
+from flaxen.tasks.base import (IGNORE_INDEX, AttributionTarget, RecordTask, TokenTask, check_unused, label_index,
+                               register, softmax)
 
 
 def word_labels(data: Any, split: str, process_index: int = 0, process_count: int = 1) -> list[list[str]]:
@@ -91,3 +95,86 @@ class TokenClassification(RecordTask, TokenTask):
         if data.tag_scheme is not None:
             return super().metric_names(cfg, data) + ("precision", "recall", "f1")
         return super().metric_names(cfg, data) + ("accuracy", "macro_f1")
+
+    # ------------------------------------------------------------------ prediction (predict.py)
+
+    hf_pipeline = "token-classification"
+
+    def predict_records(self, path, cfg, options):
+        """CoNLL (a token per line, first column; a blank line between sentences) or one sentence
+        per line, split on white space."""
+        from flaxen import predict
+
+        form = predict.input_format(path, options, self.name, ("conll", "lines"))
+        if form == "lines" and options.format == "auto" and predict.looks_like_conll(path):
+            form = "conll"
+        if form == "conll":
+            return predict.read_conll(path)
+        return [{"where": r["where"], "tokens": r["text"].split()}
+                for r in predict.read_lines(path, "one sentence per line")]
+
+    def predict_rows(self, records, run, options):
+        """Training's rows (`encoding.tagging_inputs`) with `first_positions`, each kept word's
+        first sub-token: the position its tag is read from."""
+        from flaxen import predict
+
+        limit = run.cfg.data.max_length
+        rows = []
+        for record in records:
+            row, firsts, length = encoding.tagging_inputs(run.tokenizer, record["tokens"], limit)
+            if length > limit and not options.truncate:
+                raise predict.too_long(record["where"], length, limit, "data.max_length")
+            rows.append({**row, "first_positions": firsts})
+        return rows
+
+    def prediction_outputs(self, output, batch, options):
+        return {"predictions": jnp.argmax(output.logits, -1).astype(jnp.int32)}
+
+    def format_predictions(self, records, rows, outputs, run, options):
+        """{"tokens", "tags"}: a tag per word, read at its first sub-token; words cut off by
+        truncation are tagged O (as evaluation counts them)."""
+        count = int(run.spec.num_labels)
+        names = list(run.label_names) if run.label_names else [str(i) for i in range(count)]
+        outside = "O" if "O" in names else names[0]
+        out = []
+        for record, row, output in zip(records, rows, outputs):
+            tags = [names[int(i)] for i in np.asarray(output["predictions"])[row["first_positions"]]]
+            out.append({"tokens": list(record["tokens"]),
+                        "tags": tags + [outside] * (len(record["tokens"]) - len(tags))})
+        return out
+
+    # ------------------------------------------------------------------ explanation
+
+    def explain_row(self, tokenizer, data_cfg, text, text_pair=None, context=None) -> dict:
+        """The text's whitespace-separated words, tagged as training tags them (tags unknown: 0)."""
+        check_unused(self, text_pair=text_pair, context=context)
+        words = text.split()
+        return encoding.tagging_row(tokenizer, {"tokens": words, "tags": [0] * len(words)}, data_cfg.max_length)
+
+    @staticmethod
+    def _position(row: dict, position) -> int:
+        length = len(row["input_ids"])
+        if position is None:
+            scored = np.flatnonzero(np.asarray(row["labels"]) != IGNORE_INDEX) if "labels" in row else []
+            return int(scored[0]) if len(scored) else 0
+        try:
+            index = int(position)
+        except (TypeError, ValueError):
+            index = None
+        if index is None or not 0 <= index < length:
+            raise ConfigError(f"position={position!r}: expected a token index 0-{length - 1}")
+        return index
+
+    def attribution_targets(self, output, row, *, target=None, position=None, span=None, label_names=None):
+        check_unused(self, span=span)
+        index = self._position(row, position)
+        logits = np.asarray(output.logits)[0, index]
+        tag = int(np.argmax(logits)) if target is None else label_index(target, label_names, logits.shape[-1])
+        name = label_names[tag] if label_names else str(tag)
+        return [AttributionTarget(f"logit of {name!r} at token {index}", "logits", (index, tag))]
+
+    def describe_prediction(self, output, row, targets, label_names=None):
+        index = targets[0].index[0]
+        logits = np.asarray(output.logits)[0, index]
+        names = list(label_names) if label_names else [str(i) for i in range(logits.shape[-1])]
+        return f"token {index}: {names[int(np.argmax(logits))]}", dict(zip(names, softmax(logits).tolist()))

@@ -179,7 +179,7 @@ def load_adapter(model, path: str | os.PathLike):
         raise CheckpointError(f"{file}: invalid 'peft' entry ({error})") from error
     current = config_of(model)
     if isinstance(current, peft_config.NoPeftConfig):
-        apply(model, config, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+        apply(model, config, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")), restoring=True)
     elif current != config:
         raise CheckpointError(
             f"{file}: the adapter's config {peft_config.to_dict(config)} differs from the model's "

@@ -4,7 +4,7 @@ Why: one frozen dataclass per method names exactly the knobs that method reads, 
 for another method (or misspelled) fails at start-up naming `peft.<key>`, and the config can sit
 on the model as hashable static metadata (`model.peft_config`) that adapter checkpoints record.
 
-`name` selects the method: none | lora | adapter | prefix | bitfit. Every method but `none`
+`name` selects the method: none | lora | adapter | prefix | bitfit | adalora | prompt | ia3. Every method but `none`
 trains the task head in full; `modules_to_save` adds base modules trained in full (name patterns
 as for LoRA targets, e.g. `pooler`). Name patterns match a module's dotted path: `query` (a
 suffix at a dot boundary), `attention.out` or a glob such as `layers.1.*`.
@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from models.errors import ConfigError
 
-METHODS = ("none", "lora", "adapter", "prefix", "bitfit")
+METHODS = ("none", "lora", "adapter", "prefix", "bitfit", "adalora", "prompt", "ia3")
+PROMPT_INITS = ("random", "text")
 ACTIVATIONS = ("gelu", "relu", "tanh", "swish")
+BASE_QUANTIZATIONS = ("int8", "int4", "nf4")  # models.quant.SCHEMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,11 @@ class LoRAConfig:
     target_modules: tuple[str, ...] = ("query", "value")
     rslora: bool = False
     modules_to_save: tuple[str, ...] = ()
+    # QLoRA (Dettmers et al. 2023): the frozen base's block Dense kernels held quantized
+    # (models.quant: none | int8 | int4 | nf4), dequantized in the forward; LoRA factors stay float32.
+    # Group size (int4, nf4): 0 = the scheme's default (128 for int4, 64 for nf4).
+    base_quantization: str = "none"
+    base_quantization_group_size: int = 0
 
     @property
     def scaling(self) -> float:
@@ -98,13 +105,143 @@ class BitFitConfig:
     modules_to_save: tuple[str, ...] = ()
 
 
-PeftConfig = Union[NoPeftConfig, LoRAConfig, AdapterConfig, PrefixConfig, BitFitConfig]
+@dataclasses.dataclass(frozen=True)
+class PromptTuningConfig:
+    """Prompt tuning (Lester et al. 2021; Hugging Face PEFT's PROMPT_TUNING): `num_virtual_tokens`
+    learned embeddings prepended to the input embeddings (models.peft.prompt).
+
+    prompt_tuning_init: `random` (N(0, init_std²); 1.0 is PEFT's default) or `text`: the word
+    embeddings of `prompt_tuning_init_text` as the run's tokenizer encodes it (special tokens
+    included), its ids repeated or cut to num_virtual_tokens.
+    """
+
+    name: str = "prompt"
+    num_virtual_tokens: int = 20
+    prompt_tuning_init: str = "random"
+    prompt_tuning_init_text: Optional[str] = None
+    init_std: float = 1.0
+    modules_to_save: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class IA3Config:
+    """IA³ (Liu et al. 2022; Hugging Face PEFT's IA3): learned vectors, starting at one, that rescale
+    the output features of the targeted Dense layers of every block, or, for those also matched by
+    `feedforward_modules`, their input features (the MLP output layer's input: the activation).
+
+    Patterns as for LoRA targets (attention.query, attention.key, attention.value, attention.out,
+    intermediate, output). Defaults: keys, values and the feed-forward activation, as in the paper.
+    Every feedforward module must be a target. The vectors fold into the weights (peft.merge).
+    """
+
+    name: str = "ia3"
+    target_modules: tuple[str, ...] = ("key", "value", "output")
+    feedforward_modules: tuple[str, ...] = ("output",)
+    modules_to_save: tuple[str, ...] = ()
+
+
+def _validate_prompt(config: PromptTuningConfig) -> None:
+    _check("num_virtual_tokens", _is_int(config.num_virtual_tokens) and config.num_virtual_tokens >= 1,
+           "a positive integer", config.num_virtual_tokens)
+    _check("prompt_tuning_init", config.prompt_tuning_init in PROMPT_INITS, f"one of {', '.join(PROMPT_INITS)}",
+           config.prompt_tuning_init)
+    text = config.prompt_tuning_init_text
+    if config.prompt_tuning_init == "text":
+        _check("prompt_tuning_init_text", isinstance(text, str) and text.strip() != "",
+               "a non-empty text with prompt_tuning_init=text", text)
+    else:
+        _check("prompt_tuning_init_text", text is None, "null unless prompt_tuning_init=text", text)
+    _check("init_std", _is_number(config.init_std) and config.init_std > 0, "a positive number", config.init_std)
+
+
+def _validate_ia3(config: IA3Config) -> None:
+    _check("target_modules", len(config.target_modules) > 0, "at least one module name pattern",
+           list(config.target_modules))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaLoRAConfig:
+    """AdaLoRA (Zhang et al. 2023) with Hugging Face PEFT's AdaLoraConfig semantics: the SVD-form
+    update W x + B (A ⊙ E) dropout(x) · lora_alpha / (init_r + 1e-5) on the targeted Dense layers,
+    whose rank budget shrinks from init_r to target_r per layer on average during training.
+
+    The budget (init_r · layers) holds for `tinit` steps, falls along a cubic to target_r · layers
+    at step total_step - tfinal, and every `deltaT` steps on the way the singular values of lowest
+    importance (sensitivity |w·g| smoothed with beta1, times its uncertainty smoothed with beta2)
+    are set to zero; after that the final allocation stays fixed. orth_reg_weight weighs the
+    orthogonality regulariser of the singular vectors. total_step: null = the run's `steps`.
+    The training rules live in flaxen's AdaLoRA update rule; the model holds the SVD-form layers.
+    """
+
+    name: str = "adalora"
+    init_r: int = 12
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: Optional[int] = None
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("query", "value")
+    modules_to_save: tuple[str, ...] = ()
+
+    @property
+    def scaling(self) -> float:
+        """lora_alpha / (init_r + 1e-5): Hugging Face PEFT's scaling / (ranknum + 1e-5)."""
+        return self.lora_alpha / (self.init_r + 1e-5)
+
+
+def _validate_adalora(config: AdaLoRAConfig) -> None:
+    _check("init_r", _is_int(config.init_r) and config.init_r >= 2, "an integer >= 2", config.init_r)
+    _check("target_r", _is_int(config.target_r) and 1 <= config.target_r < config.init_r,
+           f"an integer in [1, init_r={config.init_r})", config.target_r)
+    for key in ("tinit", "tfinal"):
+        value = getattr(config, key)
+        _check(key, _is_int(value) and value >= 0, "a non-negative integer (steps)", value)
+    _check("deltaT", _is_int(config.deltaT) and config.deltaT >= 1, "a positive integer (steps)", config.deltaT)
+    for key in ("beta1", "beta2"):
+        value = getattr(config, key)
+        _check(key, _is_number(value) and 0 < value < 1, "a number in (0, 1)", value)
+    _check("orth_reg_weight", _is_number(config.orth_reg_weight) and config.orth_reg_weight >= 0,
+           "a non-negative number", config.orth_reg_weight)
+    _check("lora_alpha", _is_number(config.lora_alpha) and config.lora_alpha > 0, "a positive number",
+           config.lora_alpha)
+    _check("lora_dropout", _is_number(config.lora_dropout) and 0 <= config.lora_dropout < 1, "a rate in [0, 1)",
+           config.lora_dropout)
+    _check("target_modules", len(config.target_modules) > 0, "at least one module name pattern",
+           list(config.target_modules))
+    total = config.total_step
+    _check("total_step", total is None or (_is_int(total) and total >= 1),
+           "a positive integer, or null for the run's steps", total)
+    if total is not None and config.tinit >= total - config.tfinal:
+        raise ConfigError(f"peft.tinit={config.tinit}, peft.tfinal={config.tfinal}: expected tinit < total_step - "
+                          f"tfinal = {total - config.tfinal} (total_step={total}), so that the rank budget has steps "
+                          "to fall in; lower tinit or tfinal, or train longer")
+
+
+def for_run(values: Any, steps: int) -> Any:
+    """The config of a training run of `steps` updates: settings that default to the run's length
+    (AdaLoRA's total_step) are filled in, then checked against it. Raises ConfigError."""
+    config = from_dict(values)
+    if isinstance(config, AdaLoRAConfig) and config.total_step is None:
+        config = validate(dataclasses.replace(config, total_step=int(steps)))
+    return config
+
+
+PeftConfig = Union[NoPeftConfig, LoRAConfig, AdapterConfig, PrefixConfig, BitFitConfig, AdaLoRAConfig,
+                   PromptTuningConfig, IA3Config]
 CONFIG_CLASSES = {
     "none": NoPeftConfig,
     "lora": LoRAConfig,
     "adapter": AdapterConfig,
     "prefix": PrefixConfig,
     "bitfit": BitFitConfig,
+    "adalora": AdaLoRAConfig,
+    "prompt": PromptTuningConfig,
+    "ia3": IA3Config,
 }
 
 
@@ -147,6 +284,13 @@ def validate(config: PeftConfig) -> PeftConfig:
         _check("target_modules", len(config.target_modules) > 0, "at least one module name pattern",
                list(config.target_modules))
         _check("rslora", isinstance(config.rslora, bool), "true or false", config.rslora)
+        _check("base_quantization", config.base_quantization in ("none",) + BASE_QUANTIZATIONS,
+               f"one of none, {', '.join(BASE_QUANTIZATIONS)}", config.base_quantization)
+        group = config.base_quantization_group_size
+        _check("base_quantization_group_size", _is_int(group) and group >= 0 and group % 2 == 0,
+               "0 (the scheme's default) or an even positive integer", group)
+        _check("base_quantization_group_size", group == 0 or config.base_quantization in ("int4", "nf4"),
+               "0 unless peft.base_quantization is int4 or nf4 (int8 has one scale per output channel)", group)
     elif isinstance(config, AdapterConfig):
         _check("size", _is_int(config.size) and config.size >= 1, "a positive integer", config.size)
         _check("activation", config.activation in ACTIVATIONS, f"one of {', '.join(ACTIVATIONS)}", config.activation)
@@ -163,6 +307,12 @@ def validate(config: PeftConfig) -> PeftConfig:
     elif isinstance(config, BitFitConfig):
         _check("include_layer_norm", isinstance(config.include_layer_norm, bool), "true or false",
                config.include_layer_norm)
+    elif isinstance(config, AdaLoRAConfig):
+        _validate_adalora(config)
+    elif isinstance(config, PromptTuningConfig):
+        _validate_prompt(config)
+    elif isinstance(config, IA3Config):
+        _validate_ia3(config)
     return config
 
 
@@ -189,11 +339,17 @@ def from_dict(values: Mapping | PeftConfig | None) -> PeftConfig:
         raise ConfigError(
             f"peft.{unknown[0]} is not a setting of peft.name={name!r}; its settings are: {', '.join(sorted(fields))}"
         )
-    for key in ("target_modules", "modules_to_save"):
+    for key in ("target_modules", "modules_to_save", "feedforward_modules"):
         if key in values:
             values[key] = _patterns(key, values[key])
     if isinstance(values.get("alpha"), int) and not isinstance(values.get("alpha"), bool):
         values["alpha"] = float(values["alpha"])
+    if name == "prompt" and _is_int(values.get("init_std")):
+        values["init_std"] = float(values["init_std"])
+    if name == "adalora":
+        for key in ("lora_alpha", "lora_dropout", "beta1", "beta2", "orth_reg_weight"):
+            if _is_int(values.get(key)):
+                values[key] = float(values[key])
     return validate(cls(**values))
 
 

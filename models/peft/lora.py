@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.layers import Dense, dropout, matmul
+from models.quant import QuantConfig, QuantizedDense, check_scheme, quantize_in_place
 from models.peft import targets
 from models.peft.config import LoRAConfig
 from models.peft.variables import LoRAParam, axis_names, peft_param
@@ -71,7 +72,10 @@ class LoRADense(Dense):
         self.stream = int(stream)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = super().__call__(x)
+        return super().__call__(x) + self.lora_update(x)
+
+    def lora_update(self, x: jax.Array) -> jax.Array:
+        """scaling · (dropout(x) · A) · B [..., *out] in the compute dtype."""
         h = x.astype(self.dtype)
         key = _dropout_key.get()
         if key is not None:
@@ -80,13 +84,42 @@ class LoRADense(Dense):
         a = self.lora_a[...].astype(self.dtype).reshape(-1, self.lora_a.shape[-1])
         b = self.lora_b[...].astype(self.dtype).reshape(self.lora_b.shape[0], -1)
         h = low_rank(h.reshape(math.prod(batch), -1), a, b).reshape(batch + self.out_shape)
-        return y + h * jnp.asarray(self.scaling, self.dtype)
+        return h * jnp.asarray(self.scaling, self.dtype)
 
     def delta(self) -> jax.Array:
         """scaling · A · B in float32, shaped like the kernel [*in, *out]."""
         a = self.lora_a[...].reshape(-1, self.lora_a.shape[-1])
         b = self.lora_b[...].reshape(self.lora_b.shape[0], -1)
-        return (self.scaling * (a @ b)).reshape(self.kernel.shape)
+        return (self.scaling * (a @ b)).reshape(self.in_shape + self.out_shape)
+
+    def base_kernel(self) -> jax.Array:
+        """The frozen base kernel [*in, *out], float32."""
+        return self.kernel[...]
+
+
+class QLoRADense(QuantizedDense):
+    """QLoRA (Dettmers et al. 2023): LoRA factors beside a quantized frozen base layer.
+
+    The base is a models.quant.QuantizedDense (codes and scales, dequantized in the forward); the
+    factors, their scaling, dropout stream and `delta` are a LoRADense's, taken over unchanged.
+    """
+
+    def __init__(self, quantized: QuantizedDense, lora: LoRADense):
+        for name, value in vars(quantized).items():
+            if not name.startswith("_pytree__"):
+                setattr(self, name, value)
+        self.lora_a, self.lora_b = lora.lora_a, lora.lora_b
+        self.scaling, self.dropout_rate, self.stream = lora.scaling, lora.dropout_rate, lora.stream
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return super().__call__(x) + self.lora_update(x)
+
+    lora_update = LoRADense.lora_update
+    delta = LoRADense.delta
+
+    def base_kernel(self) -> jax.Array:
+        """The dequantized base kernel ŵ [*in, *out], float32."""
+        return self.kernel_value()
 
 
 class LoRABlock:
@@ -139,6 +172,17 @@ def apply_lora(model, config: LoRAConfig, rngs: nnx.Rngs) -> None:
         layers[index] = lora_block_class(type(layers[index]))(layers[index])
 
 
-def lora_layers(model) -> list[tuple[tuple, LoRADense]]:
-    """(path from the model root, layer) of every LoRADense of a model."""
-    return [(tuple(path), m) for path, m in model.iter_modules() if isinstance(m, LoRADense)]
+def lora_layers(model) -> list[tuple[tuple, LoRADense | QLoRADense]]:
+    """(path from the model root, layer) of every LoRADense (and QLoRADense) of a model."""
+    return [(tuple(path), m) for path, m in model.iter_modules() if isinstance(m, (LoRADense, QLoRADense))]
+
+
+def quantize_base(model, config: LoRAConfig) -> None:
+    """QLoRA: quantizes the frozen block Dense kernels of a LoRA model in place, with
+    `config.base_quantization` (models.quant); LoRADense layers become QLoRADense. Modules in
+    `modules_to_save` train in full, so they stay float."""
+    scheme, group_size = check_scheme(config.base_quantization, config.base_quantization_group_size or None,
+                                      "peft.base_quantization")
+    keep = targets.module_paths(model, config.modules_to_save, "modules_to_save")
+    quantize_in_place(model, QuantConfig(scheme, group_size), skip=keep,
+                      convert=lambda old, new: QLoRADense(new, old) if isinstance(old, LoRADense) else new)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import SelfAttention, dot_product_attention
+from models.attention import SelfAttention
 from models.peft import targets
 from models.peft.config import PrefixConfig
 from models.peft.variables import PrefixParam, Projection, peft_param
@@ -68,15 +68,16 @@ class PrefixSelfAttention(SelfAttention):
         both = self.prefix_encoder()[:, self.layer_index]
         return both[:, 0], both[:, 1]
 
-    def __call__(self, x, mask, *, dropout_rng=None, cache=None, cache_index=None):
+    def __call__(self, x, mask, *, dropout_rng=None, cache=None, cache_index=None, output_attentions: bool = False):
+        """As SelfAttention; with `output_attentions` the probabilities' key axis is the prefix
+        followed by the keys: [batch, heads, seq, length + k_len]."""
         q, k, v, cache = self.project(x, cache, cache_index)
         prefix_k, prefix_v = self.prefixes()
         batch = x.shape[0]
         k = jnp.concatenate([jnp.broadcast_to(prefix_k.astype(k.dtype), (batch,) + prefix_k.shape), k], axis=1)
         v = jnp.concatenate([jnp.broadcast_to(prefix_v.astype(v.dtype), (batch,) + prefix_v.shape), v], axis=1)
         mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (self.length,), bool), mask.astype(bool)], axis=-1)
-        y = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
-        return self.out(y), cache
+        return self.attend(q, k, v, mask, cache, dropout_rng, output_attentions)
 
 
 def apply_prefix(model, config: PrefixConfig, rngs: nnx.Rngs) -> None:

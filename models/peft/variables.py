@@ -6,7 +6,8 @@ factors are also `nnx.LoRAParam`, so filters written for Flax's own LoRA see the
 
 Like the base model's parameters, each carries logical axis names (`out_sharding` metadata)
 taken from the layer it adapts, so it follows that layer's sharding on a mesh. New logical
-names: 'lora_rank', 'adapter', 'prefix', 'prefix_hidden' (unsharded unless a rule says otherwise).
+names: 'lora_rank', 'adapter', 'prefix', 'prefix_hidden', 'prompt' (unsharded unless a rule says
+otherwise).
 """
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ class AdapterParam(PeftParam):
 
 class PrefixParam(PeftParam):
     """Prefix-tuning key/value prefix or reparameterization weight."""
+
+
+class PromptParam(PeftParam):
+    """Prompt-tuning soft prompt [num_virtual_tokens, embed]."""
+
+
+class IA3Param(PeftParam):
+    """IA³ rescaling vector (of a layer's output features, or of a feed-forward layer's input)."""
 
 
 def peft_param(cls: type[PeftParam], value: jax.Array, axes: Sequence[str | None]) -> PeftParam:
