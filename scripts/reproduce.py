@@ -78,15 +78,17 @@ ROWS = {
     "bert_mini_scratch_conll2003": row("CoNLL-2003", "f1", ["validation", "test"], needs=["bert_mini_mlm"],
                                        label="bert_mini, from scratch"),
     "minilm_sst2_dp": row("SST-2", "accuracy", ["validation"],
-                          label="all-MiniLM-L6-v2 + LoRA, DP-SGD (ε = 8, δ = 1/n)",
-                          note="Differentially private fine-tuning (flaxen/privacy.py): Poisson sampling q = 512/67,349, "
-                               "per-example clipping to norm 2, the noise multiplier chosen by the RDP accountant "
-                               "for epsilon <= 8 at delta = 1/n after 200 steps; one seed. `privacy` holds the "
-                               "accountant's epsilon, delta, noise multiplier, q and steps."),
+                          label="all-MiniLM-L6-v2 + BitFit, DP-SGD (ε = 8, δ = 1/n)",
+                          note="Differentially private fine-tuning (flaxen/privacy.py) of the Dense biases and the "
+                               "head (BitFit): Poisson sampling q = 512/67,349, per-example clipping to norm 1.5, the "
+                               "noise multiplier chosen by the RDP accountant for epsilon <= 8 at delta = 1/n after "
+                               "200 steps (1.5 epochs); one seed. `privacy` holds the accountant's epsilon, delta, "
+                               "noise multiplier, q and steps."),
     "minilm_sst2_dp_baseline": row("SST-2", "accuracy", ["validation"],
-                                   label="all-MiniLM-L6-v2 + LoRA, non-private peer of minilm_sst2_dp",
-                                   note="The same model, LoRA, steps, batch size, schedule and data as minilm_sst2_dp "
-                                        "without clipping or noise (shuffled, length-grouped batches); one seed."),
+                                   label="all-MiniLM-L6-v2 + BitFit, non-private peer of minilm_sst2_dp",
+                                   note="The same model, BitFit, steps, batch size, schedule, optimizer and data as "
+                                        "minilm_sst2_dp without clipping or noise (shuffled, length-grouped batches); "
+                                        "one seed."),
 }
 # pretrained row -> the scratch row it must beat
 COMPARISONS = {"bert_mini_pretrained_sst2": "bert_mini_scratch_sst2",
