@@ -4,17 +4,15 @@
 
 A thin Hydra entry point over flaxen.export (see configs/export.yaml): DIR gets config.json,
 model.safetensors (LoRA merged in), the run's tokenizer files and a README.md; transformers'
-`from_pretrained(DIR)` / `pipeline(..., model=DIR)` load it. Adapter and prefix runs cannot be
+`from_pretrained(DIR)` / `pipeline(..., model=DIR)` load it. Adapter, prefix and prompt runs cannot be
 merged: DIR then holds the base model and DIR/adapter/ the method's weights (said in the output).
 Exit status 0, or 1 with `error: ...` for a mistake in the run or the options.
 """
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
+from flaxen import cli
 from flaxen import export as export_lib
-from flaxen.errors import FlaxenError
 
 
 def run(cfg: DictConfig) -> dict:
@@ -24,16 +22,10 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="configs", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except FlaxenError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    cli.exit_on_error(run, cfg)
 
 
 if __name__ == "__main__":
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
+    cli.quiet_absl()
     export_lib.register()
     main()

@@ -13,13 +13,11 @@ each output line:
     clm        prompt lines -> {"prompt", "completion"} (max_new_tokens, do_sample, temperature, ...)
 Exit status 0, or 1 with `error: ...` for a mistake in the run, the input or the options.
 """
-import sys
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from flaxen import cli
 from flaxen import predict as predict_lib
-from flaxen.errors import FlaxenError
 
 
 def run(cfg: DictConfig) -> list[dict]:
@@ -29,16 +27,10 @@ def run(cfg: DictConfig) -> list[dict]:
 
 @hydra.main(config_path="configs", config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except FlaxenError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    cli.exit_on_error(run, cfg)
 
 
 if __name__ == "__main__":
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
+    cli.quiet_absl()
     predict_lib.register()
     main()

@@ -215,7 +215,7 @@ def validate(cfg) -> None:
     task = tasks.get(cfg.task.name)
     _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     _choice("schedule.name", cfg.schedule.name, SCHEDULES)
-    peft.for_run(cfg.peft, cfg.steps)
+    peft_config = peft.for_run(cfg.peft, cfg.steps)
     for key in ("steps", "batch_size", "eval_batch_size", "keep_checkpoints"):
         _positive(key, cfg[key])
     for key in ("log_every", "eval_every", "checkpoint_every", "schedule.warmup_steps"):
@@ -254,13 +254,13 @@ def validate(cfg) -> None:
                           f"{cfg.model.max_position_embeddings}")
     if cfg.init_from is not None and cfg.model.pretrained is not None:
         raise ConfigError("init_from and model.pretrained are both set: choose one starting point")
-    check_prompt_config(cfg, length, task.length_key)
+    check_prompt_config(cfg, peft_config, length, task.length_key)
 
 
-def check_prompt_config(cfg, length: int, length_key: str) -> None:
-    """Prompt tuning: the virtual tokens need positions too, and a text initialisation needs the
-    word embeddings the run starts from (init_from copies them in only after the model is built)."""
-    config = peft.from_dict(cfg.peft)
+def check_prompt_config(cfg, config, length: int, length_key: str) -> None:
+    """Prompt tuning (`config`: the run's models.peft config): the virtual tokens need positions too,
+    and a text initialisation needs the word embeddings the run starts from (init_from copies them in
+    only after the model is built)."""
     if not isinstance(config, peft.PromptTuningConfig):
         return
     v = config.num_virtual_tokens

@@ -10,10 +10,11 @@ as training did: `model_max_length` (the run's row length, data.max_length or da
 and `model_input_names` (token_type_ids for the BERT family, whose pairs use type 1; GPT-2 would
 add a type embedding, so its tokenizer returns none).
 
-PEFT: LoRA, BitFit and the other methods models.peft.merge folds in are merged into the weights,
-so DIR is a plain model with the run's outputs. Adapters and prefixes (what merge refuses) add
-computation that no plain transformers model holds: DIR then holds the base model with the run's trained head (outputs differ from the run's),
-and DIR/adapter/ the method's weights in flaxen's adapter format (models.peft.save_adapter), which
+PEFT: LoRA, AdaLoRA, IA³, BitFit (what models.peft.merge folds in) are merged into the weights, so
+DIR is a plain model with the run's outputs. Adapters, prefixes and prompts (what merge refuses)
+add computation that no plain transformers model holds: DIR then holds the base model with the
+run's trained head (outputs differ from the run's), and DIR/adapter/ the method's weights in
+flaxen's adapter format (models.peft.save_adapter), which
 `models.peft.load_adapter(models.load_pretrained(DIR, head=...), DIR/adapter)` puts back on; the
 README and the command's output say so.
 
@@ -115,7 +116,7 @@ def export(run_dir: str, out: str, step: Optional[int] = None, overwrite: bool =
     from models.heads import HEADS
     from models.peft.checkpoint import write_directory
 
-    from flaxen import inference, predict
+    from flaxen import inference
 
     if not run_dir:
         raise ConfigError("run_dir=PATH is required (a flaxen run directory, its checkpoints/ or a step folder)")
@@ -126,7 +127,7 @@ def export(run_dir: str, out: str, step: Optional[int] = None, overwrite: bool =
     _check_out(out, overwrite)
     run = inference.load_run(run_dir, step=step, verb="Export")
     task = run.task
-    tokenizer = predict.tokenizer_of(run)
+    tokenizer = inference.tokenizer_of(run)
     method = peft.config_of(run.model)
     try:
         model, merged = peft.merge(run.model), True

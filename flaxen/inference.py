@@ -4,7 +4,8 @@
     run = load_run(path, step=300, overrides=["eval_batch_size=8"])
     run.model (models.Model with the checkpoint's weights), run.cfg (the run's config.yaml with
     overrides), run.task (flaxen Task), run.spec (model.json), run.step, run.checkpoint (path),
-    run.tokenizer (the run's own tokenizer, RUN_DIR/tokenizer/, or None when the run has none)
+    run.tokenizer (the run's own tokenizer, RUN_DIR/tokenizer/, or None when the run has none;
+    tokenizer_of(run) falls back to its pretrained model's)
 
 `source` is a run directory, its checkpoints/ folder or one step folder (checkpoints/300). The run is
 rebuilt from its own config.yaml and model.json; command-line `key=value` overrides re-apply on
@@ -27,7 +28,7 @@ from flaxen import modeling, tasks
 from flaxen.errors import ConfigError
 
 RUN_KEYS = ("run_dir", "split", "checkpoint", "step", "output_dir", "input", "output", "out", "text")
-GROUPS = ("model", "task", "data", "optimizer", "schedule", "peft", "mesh", "experiment", "privacy")
+GROUPS = ("model", "task", "data", "optimizer", "schedule", "peft", "mesh", "experiment", "privacy", "prune")
 
 
 @dataclasses.dataclass
@@ -105,3 +106,17 @@ def load_run(source: str, *, step: int | None = None, overrides: Sequence[str] =
     tokenizer = load_tokenizer(tokenizer_dir) if os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")) else None
     return TrainedRun(run_dir=run_dir, cfg=cfg, spec=spec, model=nnx.merge(graphdef, variables), step=chosen,
                       checkpoint=os.path.join(directory, str(chosen)), tokenizer=tokenizer)
+
+
+def tokenizer_of(run: TrainedRun):
+    """The tokenizer the run's rows were encoded with: its own (RUN_DIR/tokenizer/), else its
+    model.pretrained (or init_from run's) one; ConfigError when it has neither."""
+    if run.tokenizer is not None:
+        return run.tokenizer
+    from flaxen.data.tokenizers import load_tokenizer
+
+    path = modeling.tokenizer_path(run.cfg, run.run_dir)
+    if path is None:
+        raise ConfigError(f"{run.run_dir} has no tokenizer/ directory and its config names no pretrained model: "
+                          "cannot encode text the way the run was trained")
+    return load_tokenizer(path)

@@ -260,10 +260,10 @@ def _new_wandb_id() -> str:
 
 
 class _WandbRun:
-    """The W&B sink of MetricsWriter (see the module docstring)."""
+    """The W&B sink of MetricsWriter (see the module docstring); MetricsWriter's check_loggers has
+    made sure the wandb package is there."""
 
     def __init__(self, run_dir: str, config, start_step: int):
-        check_loggers(["wandb"])
         import wandb
         from omegaconf import DictConfig, OmegaConf
 

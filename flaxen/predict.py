@@ -274,19 +274,6 @@ def too_long(where: str, length: int, limit: int, key: str) -> DataError:
 
 # ---------------------------------------------------------------------- batching
 
-def tokenizer_of(run: Any):
-    """The run's own tokenizer (RUN_DIR/tokenizer/), else its model.pretrained directory's."""
-    if run.tokenizer is not None:
-        return run.tokenizer
-    from flaxen import modeling
-    from flaxen.data.tokenizers import load_tokenizer
-
-    path = modeling.tokenizer_path(run.cfg)
-    if path is None:
-        raise ConfigError(f"{run.run_dir} has no tokenizer/ directory (the tokenizer its rows were encoded with)")
-    return load_tokenizer(path)
-
-
 def forward_step(task: Any, model: Any, options: PredictConfig):
     """batch (numpy) -> the task's prediction outputs (numpy): one jitted forward pass, compiled
     once per padded length (the model's inputs only reach the compiled function)."""
@@ -312,11 +299,12 @@ def predict(run: Any, path: str, options: Optional[PredictConfig] = None) -> lis
     (flaxen.inference.load_run) on the file `path`."""
     from tqdm.auto import tqdm
 
+    from flaxen import inference
     from flaxen.data.encoding import PADDING
 
     options = options or PredictConfig()
     check_options(options)
-    run = dataclasses.replace(run, tokenizer=tokenizer_of(run))
+    run = dataclasses.replace(run, tokenizer=inference.tokenizer_of(run))
     task, cfg = run.task, run.cfg
     records = task.predict_records(path, cfg, options)
     rows = task.predict_rows(records, run, options)

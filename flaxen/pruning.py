@@ -141,14 +141,11 @@ class PruneState(NamedTuple):
     count: jax.Array  # optimizer updates applied so far (int32)
 
 
-def _path_names(key_path) -> tuple[str, ...]:
-    names = [str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))) for entry in key_path]
-    return tuple(names[:-1] if names and names[-1] == "value" else names)
-
-
 def selected_leaves(params: Any, include) -> list[bool]:
     """For each leaf of `params` (jax.tree.leaves order), whether it is a pruned kernel."""
-    return [model_prune.is_block_kernel(_path_names(path), include)
+    from flaxen.checkpoint import variable_path  # imported here: flaxen.config imports this module
+
+    return [model_prune.is_block_kernel(variable_path(path), include)
             for path, _ in jax.tree_util.tree_leaves_with_path(params)]
 
 

@@ -174,17 +174,15 @@ def _row_lengths(batch: dict):
     return jnp.max(jnp.where(mask > 0, positions, 0), axis=1)
 
 
-def _sorted_rows(batch: dict, accum_steps: int) -> dict:
-    """The batch's rows reordered so that micro-batch 0, 1, ... of `_micro_batches` (which takes
-    rows j, j + accum_steps, ... as micro-batch j) hold the real rows from the shortest to the
-    longest, then the padding rows."""
-    rows, length = batch["input_ids"].shape[:2]
+def _length_order(real, needed, accum_steps: int):
+    """[rows] indices that reorder a batch so that micro-batch 0, 1, ... of `_micro_batches` (which
+    takes rows j, j + accum_steps, ... as micro-batch j) hold the real rows from the shortest
+    (`needed`) to the longest, then the padding rows."""
+    rows = real.shape[0]
     micro = rows // accum_steps
-    key = jnp.where(_row_weights(batch) > 0, _row_lengths(batch), length + 1)
-    order = jnp.argsort(key, stable=True)
+    order = jnp.argsort(jnp.where(real, needed, jnp.iinfo(needed.dtype).max), stable=True)
     position = jnp.arange(rows)
-    sorted_index = (position % accum_steps) * micro + position // accum_steps
-    return jax.tree.map(lambda x: x[order[sorted_index]], batch)
+    return order[(position % accum_steps) * micro + position // accum_steps]
 
 
 def _cut(batch: dict, length: int) -> dict:
@@ -222,21 +220,25 @@ def private_gradient(graphdef, task, privacy, params, rest, batch: dict, rng, ac
         options = sorted({int(n) for n in lengths if int(n) < full} | {full})
         zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((3,), jnp.float32))
 
+        branches = [lambda micro, key: zeros] + [
+            lambda micro, key, n=n: _clipped_sum(graphdef, task, clip_norm, params, rest, _cut(micro, n), key)
+            for n in options]
+        # each row's weight and length once for the batch: they order the rows and pick each
+        # micro-batch's branch
+        real = _row_weights(batch) > 0
+        needed = jnp.where(real, _row_lengths(batch), 0)
+        order = _length_order(real, needed, accum_steps)
+
         def accumulate(carry, inputs):
-            micro, index = inputs
-            key = jax.random.fold_in(dropout_rng, index)
-            branches = [lambda micro, key: zeros] + [
-                lambda micro, key, n=n: _clipped_sum(graphdef, task, clip_norm, params, rest, _cut(micro, n), key)
-                for n in options]
-            needed = jnp.max(jnp.where(_row_weights(micro) > 0, _row_lengths(micro), 0))
-            fits = sum((needed > n).astype(jnp.int32) for n in options[:-1])  # the first option >= needed
-            branch = jnp.where(jnp.any(_row_weights(micro) > 0), 1 + fits, 0)
-            result = jax.lax.switch(branch, branches, micro, key)
+            (micro, real, needed), index = inputs
+            fits = sum((jnp.max(needed) > n).astype(jnp.int32) for n in options[:-1])  # the first option >= needed
+            branch = jnp.where(jnp.any(real), 1 + fits, 0)
+            result = jax.lax.switch(branch, branches, micro, jax.random.fold_in(dropout_rng, index))
             return jax.tree.map(jnp.add, carry, result), None
 
+        sorted_rows = jax.tree.map(lambda x: x[order], (batch, real, needed))
         (grad_sum, stats), _ = jax.lax.scan(
-            accumulate, zeros, (_micro_batches(_sorted_rows(batch, accum_steps), accum_steps),
-                                jnp.arange(accum_steps)))
+            accumulate, zeros, (_micro_batches(sorted_rows, accum_steps), jnp.arange(accum_steps)))
     if noise:
         std = float(privacy.noise_multiplier) * clip_norm
         grad_sum = jax.tree.map(jnp.add, grad_sum, gaussian_noise(grad_sum, noise_rng, std))

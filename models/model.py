@@ -70,8 +70,6 @@ class Model(nnx.Module):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                  inputs_embeds=None, deterministic: bool = True, dropout_rng=None, cache=None, cache_index=None,
                  output_attentions: bool = False, output_hidden_states: bool = False) -> ModelOutput:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("give exactly one of input_ids and inputs_embeds")
         if not deterministic and dropout_rng is None:
             raise ValueError("deterministic=False needs a dropout_rng")
         rng = None if deterministic else dropout_rng

@@ -81,7 +81,7 @@ def is_block_kernel(path: Sequence, include: Iterable[str] = BLOCK_KERNELS) -> b
 
 def block_kernels(model, include: Iterable[str] = BLOCK_KERNELS) -> dict[tuple, nnx.Param]:
     """{path: kernel Variable} of the model's pruned kernels, in tie-breaking order."""
-    variables = {tuple(path): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Variable)}
+    variables = _variables(model)
     return {path: variables[path] for path in kernel_paths(len(model.backbone.layers), include)}
 
 
@@ -160,10 +160,6 @@ def sparsity(model, include: Iterable[str] = BLOCK_KERNELS) -> float:
 # ----------------------------------------------------------------------------- attention heads
 
 
-def _layers(model):
-    return model.backbone.layers
-
-
 def _names(key_path) -> tuple[str, ...]:
     """A pytree key path of an nnx.State as strings, without a trailing 'value'."""
     names = [str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))) for entry in key_path]
@@ -189,7 +185,7 @@ def head_importance(model, batches: Iterable[Any], loss_fn: Callable[[Any, Any],
     output inside attention)."""
     config = model.config
     graphdef, state = nnx.split(model)
-    num_layers = len(_layers(model))
+    num_layers = len(model.backbone.layers)
 
     out_kernels = {("backbone", "layers", str(i), "attention", "out", "kernel"): i for i in range(num_layers)}
 
@@ -217,26 +213,6 @@ def head_importance(model, batches: Iterable[Any], loss_fn: Callable[[Any, Any],
             scores = scores / norm if norm > 0 else scores
         importance[layer, list(config.kept_heads(layer))] = scores
     return importance.astype(np.float32)
-
-
-def _heads_to_prune(config, heads_to_prune: Mapping[int, Iterable[int]]) -> dict[int, set[int]]:
-    """{layer: original heads} merged with the heads the config already prunes; ConfigError for
-    indices out of range or a layer left without heads."""
-    merged = {layer: set(heads) for layer, heads in (config.pruned_heads or ())}
-    for layer, heads in dict(heads_to_prune).items():
-        layer = int(layer)
-        if not 0 <= layer < config.num_layers:
-            raise ConfigError(f"prune_heads: layer {layer} is out of range (the model has {config.num_layers} layers)")
-        heads = {int(h) for h in heads}
-        bad = sorted(h for h in heads if not 0 <= h < config.num_heads)
-        if bad:
-            raise ConfigError(f"prune_heads: head {bad[0]} of layer {layer} is out of range (original head indices "
-                              f"0 .. {config.num_heads - 1})")
-        merged.setdefault(layer, set()).update(heads)
-        if len(merged[layer]) == config.num_heads:
-            raise ConfigError(f"prune_heads: layer {layer} would keep none of its {config.num_heads} heads; keep at "
-                              "least one head per layer")
-    return merged
 
 
 def _variables(model) -> dict[tuple, nnx.Variable]:
@@ -285,8 +261,9 @@ def prune_heads(model, heads_to_prune: Mapping[int, Iterable[int]]):
     `pruned_heads` (written to config.json by models.save_pretrained). The result equals `model`
     with those heads' outputs masked to 0."""
     config = model.config
-    merged = _heads_to_prune(config, heads_to_prune)
-    new_config = dataclasses.replace(config, pruned_heads={k: sorted(v) for k, v in merged.items()})
+    # ModelConfig merges the pairs and raises ConfigError for a head out of range or a layer left empty
+    pairs = list(config.pruned_heads or ()) + list(dict(heads_to_prune).items())
+    new_config = dataclasses.replace(config, pruned_heads=pairs)
 
     def move(path, value, shape):
         leaf = _attention_leaf(path)

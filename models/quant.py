@@ -280,35 +280,19 @@ class QuantConfig:
         return dataclasses.asdict(self)
 
 
-def _dotted(path: Iterable) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def _set(root: nnx.Module, path: tuple, new: nnx.Module) -> None:
-    parent = root
-    for key in path[:-1]:
-        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-    if isinstance(path[-1], int):
-        parent[path[-1]] = new
-    else:
-        setattr(parent, path[-1], new)
-
-
 def block_dense_layers(model) -> list[tuple[tuple, Dense]]:
     """(path from the model root, layer) of every Dense inside the Transformer blocks."""
-    found = []
-    for index, block in enumerate(model.backbone.layers):
-        for path, module in nnx.iter_modules(block):
-            if path and isinstance(module, Dense):
-                found.append((("backbone", "layers", index) + tuple(path), module))
-    return found
+    from models.peft import targets
+
+    return [(targets.block_path(index) + path, dense)
+            for index, path, dense in targets.modules_in_blocks(model, Dense)]
 
 
-def word_embedding_path(model) -> tuple | None:
-    """Path of the word-embedding table's Embed module (the one `embed_tokens` uses), or None."""
+def word_embedding(model) -> tuple[tuple, Embed] | None:
+    """(path, module) of the word-embedding table's Embed (the one `embed_tokens` uses), or None."""
     for path, module in nnx.iter_modules(model.backbone):
         if path and path[-1] == "word" and isinstance(module, Embed):
-            return ("backbone",) + tuple(path)
+            return ("backbone",) + tuple(path), module
     return None
 
 
@@ -317,26 +301,22 @@ def quantize_in_place(model, config: QuantConfig, *, skip: Iterable[tuple] = (),
     """Replaces the block Dense layers (and the word embeddings with `config.embeddings`) of `model`
     by quantized layers, in place; returns the model. `skip`: paths left as they are; `convert(old,
     quantized)`: what goes in the old layer's place (default the QuantizedDense itself)."""
+    from models.peft import targets
+
     skip = {tuple(p) for p in skip}
     for path, dense in block_dense_layers(model):
         if any(path[:len(p)] == p for p in skip):
             continue
-        quantized = QuantizedDense(dense, config.scheme, config.group_size, _dotted(path))
-        _set(model, path, convert(dense, quantized) if convert is not None else quantized)
+        quantized = QuantizedDense(dense, config.scheme, config.group_size, targets.dotted(path))
+        targets.replace(model, path, convert(dense, quantized) if convert is not None else quantized)
     if config.embeddings:
-        path = word_embedding_path(model)
-        if path is None:
+        found = word_embedding(model)
+        if found is None:
             raise ConfigError(f"embeddings=true: {type(model.backbone).__name__} has no word-embedding table")
-        _set(model, path, QuantizedEmbed(_get(model, path), config.scheme, config.group_size, _dotted(path)))
+        path, embed = found
+        targets.replace(model, path, QuantizedEmbed(embed, config.scheme, config.group_size, targets.dotted(path)))
     model.quant_config = config
     return model
-
-
-def _get(root, path: tuple):
-    node = root
-    for key in path:
-        node = node[key] if isinstance(key, int) else getattr(node, key)
-    return node
 
 
 def quantize(model, scheme: str = "int8", group_size: int | None = None, *, embeddings: bool = False):
@@ -417,18 +397,19 @@ def save_quantized(model, path: str | os.PathLike, *, extra: dict | None = None)
     from safetensors.numpy import save_file
 
     from models.peft.checkpoint import write_directory
+    from models.peft.targets import dotted
 
     config = getattr(model, "quant_config", None)
     if config is None:
         raise ConfigError("save_quantized: the model is not quantized (use models.quant.quantize first)")
-    tensors = {_dotted(p): np.asarray(v[...]) for p, v in _variables(model).items()}
+    tensors = {dotted(p): np.asarray(v[...]) for p, v in _variables(model).items()}
     description = {
         "format": FORMAT, "version": VERSION,
         "scheme": {**config.to_dict(), "symmetric": True,
                    "int4_packing": "two codes per byte along the input (feature) axis, element 2j in the low nibble; "
                                    "int4 codes are q + 8 with q in [-7, 7], nf4 codes index nf4_codebook",
                    "nf4_codebook": NF4_CODEBOOK.tolist() if config.scheme == "nf4" else None},
-        "layers": {_dotted(p): _layer_entry(layer) for p, layer in quantized_layers(model)},
+        "layers": {dotted(p): _layer_entry(layer) for p, layer in quantized_layers(model)},
         "model": {"config": model.config.to_dict(), "head": model.head_name, "num_labels": model.num_labels},
         "tensors": {name: {"dtype": str(a.dtype), "shape": list(a.shape)} for name, a in sorted(tensors.items())},
         "extra": extra or {},
@@ -463,6 +444,7 @@ def load_quantized(path: str | os.PathLike):
 
     from models.config import ModelConfig
     from models.model import Model
+    from models.peft.targets import dotted
 
     description = read_description(path)
     spec = description["model"]
@@ -472,7 +454,7 @@ def load_quantized(path: str | os.PathLike):
     model = nnx.eval_shape(lambda: quantize_in_place(
         Model(model_config, spec["head"], num_labels, rngs=nnx.Rngs(0)), config))
     arrays = load_file(os.path.join(os.fspath(path), WEIGHTS_FILE))
-    slots = {_dotted(p): v for p, v in _variables(model).items()}
+    slots = {dotted(p): v for p, v in _variables(model).items()}
     if set(slots) != set(arrays):
         difference = sorted(set(slots) ^ set(arrays))
         raise CheckpointError(f"{path}: tensors differ from the model described in {CONFIG_FILE}: {difference[:5]}")

@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from flaxen import cli  # noqa: E402
 from flaxen.errors import ConfigError, FlaxenError  # noqa: E402
 
 KEYS = ("run_dir", "out", "gradual", "qlora", "split", "repeats", "importance_batches", "step", "table")
@@ -56,32 +57,15 @@ LATENCY_BATCHES = (1, 64)
 
 def parse(argv: list[str]) -> tuple[dict, list[str]]:
     """(this command's options, the run-config overrides) from key=value arguments."""
-    options, overrides = {}, []
-    for argument in argv:
-        key, equals, value = argument.partition("=")
-        if not equals or not key:
-            raise ConfigError(f"argument {argument!r}: expected key=value (e.g. run_dir=PATH)")
-        if key in KEYS:
-            options[key] = value
-        else:
-            overrides.append(argument)
+    options, overrides = cli.key_values(argv, KEYS, "run_dir=PATH")
     if options.get("table"):
         return options, overrides
     if not options.get("run_dir"):
         raise ConfigError("run_dir= is missing: python scripts/compress.py run_dir=PATH [out=FILE] [gradual=RUN_DIR] "
                           "[qlora=RUN_DIR]")
     for key, default in (("repeats", 30), ("importance_batches", 16)):
-        try:
-            options[key] = int(options.get(key, default))
-        except ValueError:
-            raise ConfigError(f"{key}={options[key]!r}: expected an integer") from None
-        if options[key] < 1:
-            raise ConfigError(f"{key}={options[key]}: expected a positive integer")
-    if "step" in options:
-        try:
-            options["step"] = int(options["step"])
-        except ValueError:
-            raise ConfigError(f"step={options['step']!r}: expected an integer") from None
+        cli.integer_option(options, key, default, positive=True)
+    cli.integer_option(options, "step")
     options.setdefault("split", "validation")
     return options, overrides
 
@@ -359,8 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"split={options['split']!r}: the data has splits {', '.join(splits)}")
         rows, setting = build_rows(run, task_data, options)
     except FlaxenError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return cli.report(error)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from reproduce import machine
 
@@ -382,7 +365,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
+    cli.quiet_absl()
     sys.exit(main())

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from flaxen import cli  # noqa: E402
 from flaxen.errors import ConfigError, FlaxenError  # noqa: E402
 
 # this command's own keys (the others override the run's config)
@@ -41,25 +42,13 @@ KEYS = ("run_dir", "text", "text_pair", "context", "target", "position", "span",
 
 def parse(argv: list[str]) -> tuple[dict, list[str]]:
     """(this command's options, the run-config overrides) from key=value arguments."""
-    options, overrides = {}, []
-    for argument in argv:
-        key, equals, value = argument.partition("=")
-        if not equals or not key:
-            raise ConfigError(f"argument {argument!r}: expected key=value (e.g. run_dir=PATH text=\"...\")")
-        if key in KEYS:
-            options[key] = value
-        else:
-            overrides.append(argument)
+    options, overrides = cli.key_values(argv, KEYS, 'run_dir=PATH text="..."')
     for key in ("run_dir", "text"):
         if not options.get(key):
             raise ConfigError(f"{key}= is missing: python scripts/explain.py run_dir=PATH text=\"...\" "
                               "[target=LABEL] [steps=N] [out=DIR]")
     for key in ("steps", "step"):
-        if key in options:
-            try:
-                options[key] = int(options[key])
-            except ValueError:
-                raise ConfigError(f"{key}={options[key]!r}: expected an integer") from None
+        cli.integer_option(options, key)
     if "layers" in options:
         try:
             options["layers"] = [int(part) for part in options["layers"].split(",") if part.strip()]
@@ -72,20 +61,6 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
 # ---------------------------------------------------------------------- the explanation
 
 
-def run_tokenizer(run):
-    """The tokenizer the run trained with: RUN_DIR/tokenizer/, else its pretrained model's."""
-    if run.tokenizer is not None:
-        return run.tokenizer
-    from flaxen import modeling
-    from flaxen.data.tokenizers import load_tokenizer
-
-    path = modeling.tokenizer_path(run.cfg, run.run_dir)
-    if path is None:
-        raise ConfigError(f"{run.run_dir} has no tokenizer/ directory and its config names no pretrained model: "
-                          "cannot encode text the way the run was trained")
-    return load_tokenizer(path)
-
-
 def explain(run, text: str, *, text_pair=None, context=None, target=None, position=None, span=None,
             steps: int = 50, method: str = "gausslegendre", baseline: str = "zeros", out: str | None = None,
             layers: list[int] | None = None) -> list[str]:
@@ -93,13 +68,13 @@ def explain(run, text: str, *, text_pair=None, context=None, target=None, positi
     under `run` (a flaxen.inference.TrainedRun); returns the paths written."""
     import jax.numpy as jnp
 
-    from flaxen import attribution
+    from flaxen import attribution, inference
 
     count = run.model.config.num_layers
     layers = list(range(count)) if layers is None else layers
     if not all(0 <= layer < count for layer in layers):
         raise ConfigError(f"layers={','.join(map(str, layers))}: the model has layers 0-{count - 1}")
-    tokenizer = run_tokenizer(run)
+    tokenizer = inference.tokenizer_of(run)
     task = run.task
     row = task.explain_row(tokenizer, run.cfg.data, text, text_pair, context)
     ids = np.asarray(row["input_ids"], np.int32)
@@ -272,15 +247,12 @@ def main(argv: list[str] | None = None) -> int:
                           baseline=options.get("baseline", "zeros"), out=options.get("out"),
                           layers=options.get("layers"))
     except FlaxenError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return cli.report(error)
     for path in written:
         print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
+    cli.quiet_absl()
     sys.exit(main())

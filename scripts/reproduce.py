@@ -271,7 +271,7 @@ def reproduce(name: str, seeds: list[int], extra: list[str]) -> dict:
         plot_loss_curve(run_dir, f"{name} (seed {seed})")
         records.append(seed_record(name, seed))
         records[-1]["command_seconds"] = time.perf_counter() - start  # training and every eval.py of the seed
-        print(f"[{name}] seed {seed}: {records[-1]['values']} in {time.perf_counter() - start:.0f}s", flush=True)
+        print(f"[{name}] seed {seed}: {records[-1]['values']} in {records[-1]['command_seconds']:.0f}s", flush=True)
     report = row_record(name, records, commands)
     _write_json(os.path.join(RESULTS, f"{name}.json"), report)
     print(f"wrote results/{name}.json", flush=True)
@@ -291,6 +291,12 @@ def _cell(summary: dict, metric: str, scale: float = 100.0) -> str:
 def _duration(seconds: float) -> str:
     minutes, seconds = divmod(int(round(seconds)), 60)
     return f"{minutes} min {seconds:02d} s"
+
+
+def _gaps(report: dict, other: dict) -> str:
+    """`report`'s mean minus `other`'s on each of its splits, in points: '+0.12 / -0.34'."""
+    return " / ".join(f"{100 * (report['summary'][s]['mean'] - other['summary'][s]['mean']):+.2f}"
+                      for s in report["splits"])
 
 
 def load_reports(results_dir: str = RESULTS) -> dict:
@@ -317,19 +323,14 @@ def table(reports: dict) -> str:
             verdict = "met" if target["met"] else f"missed by {scale * -target['margin']:.2f} pts"
             target_text = f"{target['split']} ≥ {scale * target['minimum']:.0f}: {verdict}"
         elif name in COMPARISONS and COMPARISONS[name] in reports:
-            other = reports[COMPARISONS[name]]
-            gaps = [f"{100 * (report['summary'][s]['mean'] - other['summary'][s]['mean']):+.2f}"
-                    for s in report["splits"]]
-            target_text = f"vs scratch: {' / '.join(gaps)} pts"
+            target_text = f"vs scratch: {_gaps(report, reports[COMPARISONS[name]])} pts"
         elif report["runs"][0].get("privacy") is not None:
             private = report["runs"][0]["privacy"]
             target_text = (f"ε {private['epsilon']:.2f} at δ {private['delta']:.2g} (σ {private['noise_multiplier']:.3f}, "
                            f"{private['steps']} steps)")
             peer = reports.get(PRIVATE_PEERS.get(name))
             if peer is not None:
-                gaps = [f"{100 * (report['summary'][s]['mean'] - peer['summary'][s]['mean']):+.2f}"
-                        for s in report["splits"]]
-                target_text += f"; vs non-private: {' / '.join(gaps)} pts"
+                target_text += f"; vs non-private: {_gaps(report, peer)} pts"
         elif report["metric"] == "loss" and report["runs"][0].get("unigram_entropy") is not None:
             target_text = f"unigram entropy {report['runs'][0]['unigram_entropy']:.2f}"
         else:

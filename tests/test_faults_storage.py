@@ -24,6 +24,8 @@ from flaxen.data import DataConfig, TokenizerConfig, builders, load_task_data
 from flaxen.errors import CheckpointError, DataError, StorageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def make_cfg(run_dir, **overrides):
     """tests/tiny_runs.py's tiny seq_cls run, checkpointing every 2 steps."""
     return tiny_runs.make_cfg(run_dir, **{"checkpoint_every": 2, **overrides})

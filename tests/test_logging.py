@@ -5,28 +5,17 @@ import json
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # the dev extra has it
+from tiny_runs import make_cfg
 
-from flaxen import config, loop
-
-TINY = {"family": "bert", "vocab_size": 50, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32,
-        "max_position_embeddings": 16, "hidden_dropout": 0.0, "attention_dropout": 0.0, "name": "tiny"}
+from flaxen import loop
 
 
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory, in_memory_task_data):
     """6 steps of a tiny classifier, a log row every step, an evaluation every 3, TensorBoard on."""
     run_dir = tmp_path_factory.mktemp("logged")
-    cfg = OmegaConf.structured(config.TrainConfig)
-    cfg.model = OmegaConf.merge(cfg.model, TINY)
-    cfg.data.max_length, cfg.data.bucket_lengths = 16, [16]
-    cfg.task.name = "seq_cls"
-    cfg.run_dir, cfg.data_dir = str(run_dir), str(run_dir)
-    settings = {"steps": 6, "batch_size": 8, "eval_batch_size": 8, "log_every": 1, "eval_every": 3,
-                "checkpoint_every": 0, "progress_bar": False, "loggers": ["tensorboard"]}
-    for key, value in settings.items():
-        OmegaConf.update(cfg, key, value, merge=False)
+    cfg = make_cfg(run_dir, steps=6, log_every=1, eval_every=3, checkpoint_every=0, loggers=["tensorboard"])
     loop.train(cfg, task_data=in_memory_task_data("seq_cls"))
     return run_dir
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+import test_peft_hf
 from tiny_runs import make_cfg
 
 import models
@@ -63,26 +64,8 @@ def torch_logits(model, types=True):
         return model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK), **kwargs).logits.float().numpy()
 
 
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
-    path = tmp_path_factory.mktemp("bert") / "base"
-    transformers.BertForSequenceClassification(config).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=16,
-                                     bos_token_id=0, eos_token_id=0)
-    path = tmp_path_factory.mktemp("gpt2") / "base"
-    transformers.GPT2LMHeadModel(config).save_pretrained(path)
-    return path
-
-
+# the tiny PyTorch base models (module fixtures), shared with test_peft_hf
+bert_dir, gpt2_dir = test_peft_hf.bert_dir, test_peft_hf.gpt2_dir
 BERT_CLASSES = {"seq_cls": "BertForSequenceClassification", "token_cls": "BertForTokenClassification"}
 
 

@@ -3,6 +3,7 @@ per-example gradients against a loop over single examples, clipping, the noise's
 deviation with and without gradient accumulation, epsilon against dp_accounting's own
 computation, target-epsilon calibration, the Poisson loader's draws and resume, a train run end
 to end (epsilon in metrics.jsonl and results.json, exact resume), and bad configs."""
+import functools
 import json
 import math
 import os
@@ -26,12 +27,32 @@ TINY = dict(family="bert", vocab_size=50, hidden_size=16, num_layers=1, num_head
 ROWS = 8
 
 
+@functools.lru_cache(maxsize=None)
 def _setup(task_name, dropout=0.0, seed=0):
+    """(graphdef, params, rest) of the tiny model, one per arguments for the whole module, so the
+    jitted functions below (keyed by the same arguments) compile once."""
     cfg = models.ModelConfig(**{**TINY, "hidden_dropout": dropout, "attention_dropout": dropout})
     num_labels = 3
     model = models.build_model(cfg, tasks.get(task_name).head, num_labels, seed=seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return graphdef, params, rest
+
+
+@functools.lru_cache(maxsize=None)
+def _per_example_grads(task_name):
+    """steps.per_example_grads on `_setup(task_name)`, jitted: f(params, batch)."""
+    graphdef, _, rest = _setup(task_name)
+    return jax.jit(lambda p, b: steps.per_example_grads(graphdef, task_name, p, rest, b))
+
+
+@functools.lru_cache(maxsize=None)
+def _private_gradient(plan_values, accum_steps, noise=True, lengths=(), dropout=0.0):
+    """steps.private_gradient of seq_cls on `_setup("seq_cls", dropout)`, jitted: f(params, batch, key).
+    plan_values: (clip_norm, noise_multiplier, batch_size)."""
+    graphdef, _, rest = _setup("seq_cls", dropout)
+    plan = types.SimpleNamespace(**dict(zip(("clip_norm", "noise_multiplier", "batch_size"), plan_values)))
+    return jax.jit(lambda p, b, key: steps.private_gradient(graphdef, "seq_cls", plan, p, rest, b, key, accum_steps,
+                                                            noise=noise, lengths=lengths))
 
 
 def _batch(task_name, rows=ROWS, seq=12, seed=0, valid=None):
@@ -51,9 +72,11 @@ def _batch(task_name, rows=ROWS, seq=12, seed=0, valid=None):
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def _loop_grads(graphdef, params, rest, task_name, batch):
-    """Each row's gradient by itself: the model called on the one-row batch, outside any vmap."""
-    task = tasks.get(task_name)
+@functools.lru_cache(maxsize=None)
+def _single_example_grad(task_name):
+    """The gradient of one row's loss, written out by hand on the model called on a one-row batch
+    (no vmap), on `_setup(task_name)`, jitted: f(params, one)."""
+    graphdef, _, rest = _setup(task_name)
 
     def loss(params, one):
         model = nnx.merge(graphdef, params, rest)
@@ -69,22 +92,24 @@ def _loop_grads(graphdef, params, rest, task_name, batch):
         total = -jnp.sum(jnp.where(scored[0], picked, 0.0))
         return total / jnp.maximum(jnp.sum(scored), 1) * valid[0]
 
-    del task
-    out = []
-    for i in range(batch["input_ids"].shape[0]):
-        one = {k: v[i:i + 1] for k, v in batch.items()}
-        out.append(jax.grad(loss)(params, one))
-    return out
+    return jax.jit(jax.grad(loss))
+
+
+def _loop_grads(task_name, batch):
+    """Each row's gradient by itself: the model called on the one-row batch, outside any vmap."""
+    _, params, _ = _setup(task_name)
+    grad = _single_example_grad(task_name)
+    return [grad(params, {k: v[i:i + 1] for k, v in batch.items()}) for i in range(batch["input_ids"].shape[0])]
 
 
 @pytest.mark.parametrize("task_name", ["seq_cls", "token_cls"])
 def test_per_example_gradients_equal_a_loop_over_single_examples(task_name):
-    graphdef, params, rest = _setup(task_name)
+    _, params, _ = _setup(task_name)
     valid = np.ones(ROWS, np.int32)
     valid[[2, 7]] = 0  # padding rows contribute nothing
     batch = _batch(task_name, valid=valid)
-    grads, _ = jax.jit(lambda p, b: steps.per_example_grads(graphdef, task_name, p, rest, b))(params, batch)
-    reference = _loop_grads(graphdef, params, rest, task_name, batch)
+    grads, _ = _per_example_grads(task_name)(params, batch)
+    reference = _loop_grads(task_name, batch)
     for i, expected in enumerate(reference):
         for got, want in zip(jax.tree.leaves(jax.tree.map(lambda g: g[i], grads)), jax.tree.leaves(expected)):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
@@ -95,9 +120,9 @@ def test_per_example_gradients_equal_a_loop_over_single_examples(task_name):
 
 
 def test_clipped_gradients_have_norm_at_most_c_and_sum_as_clipped_loop():
-    graphdef, params, rest = _setup("seq_cls")
+    _, params, _ = _setup("seq_cls")
     batch = _batch("seq_cls")
-    grads, _ = steps.per_example_grads(graphdef, "seq_cls", params, rest, batch)
+    grads, _ = _per_example_grads("seq_cls")(params, batch)
     norms = np.asarray(steps.per_example_norms(grads))
     clip = float(np.median(norms))  # half the rows are clipped, half are not
     factors = steps.clip_factors(jnp.asarray(norms), clip)
@@ -107,10 +132,8 @@ def test_clipped_gradients_have_norm_at_most_c_and_sum_as_clipped_loop():
     small = norms <= clip
     np.testing.assert_allclose(clipped_norms[small], norms[small], rtol=1e-6)  # rows within C are untouched
     np.testing.assert_allclose(clipped_norms[~small], clip, rtol=1e-6)
-    plan = types.SimpleNamespace(clip_norm=clip, noise_multiplier=0.0, batch_size=ROWS)
-    mean, stats = steps.private_gradient(graphdef, "seq_cls", plan, params, rest, batch, jax.random.key(0),
-                                         noise=False)
-    reference = _loop_grads(graphdef, params, rest, "seq_cls", batch)
+    mean, stats = _private_gradient((clip, 0.0, ROWS), 1, noise=False)(params, batch, jax.random.key(0))
+    reference = _loop_grads("seq_cls", batch)
     for path_leaves in zip(jax.tree.leaves(mean), *[jax.tree.leaves(g) for g in reference]):
         got, rows = path_leaves[0], path_leaves[1:]
         scales = [min(1.0, clip / n) for n in norms]
@@ -119,19 +142,26 @@ def test_clipped_gradients_have_norm_at_most_c_and_sum_as_clipped_loop():
     assert float(stats[1]) == ROWS and float(stats[2]) == float(np.sum(norms > clip))
 
 
-def _noise(graphdef, params, rest, batch, plan, accum_steps, key):
+@functools.lru_cache(maxsize=None)
+def _noise_fn(plan_values, accum_steps, dropout):
+    """f(params, batch, key) -> the noisy and the noiseless mean gradient of seq_cls with the same key
+    (same dropout), in one jitted program."""
+    noisy = _private_gradient(plan_values, accum_steps, dropout=dropout)
+    clean = _private_gradient(plan_values, accum_steps, noise=False, dropout=dropout)
+    return jax.jit(lambda p, b, key: (noisy(p, b, key)[0], clean(p, b, key)[0]))
+
+
+def _noise(params, batch, plan_values, accum_steps, key, dropout=0.0):
     """(noisy - noiseless mean gradient) flattened, with the same key (same dropout)."""
-    noisy, _ = steps.private_gradient(graphdef, "seq_cls", plan, params, rest, batch, key, accum_steps)
-    clean, _ = steps.private_gradient(graphdef, "seq_cls", plan, params, rest, batch, key, accum_steps, noise=False)
+    noisy, clean = _noise_fn(plan_values, accum_steps, dropout)(params, batch, key)
     return np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(noisy), jax.tree.leaves(clean))])
 
 
 @pytest.mark.parametrize("accum_steps", [1, 4])
 def test_noise_standard_deviation_is_sigma_c_over_b_once_per_batch(accum_steps):
-    graphdef, params, rest = _setup("seq_cls", dropout=0.1)
+    _, params, _ = _setup("seq_cls", dropout=0.1)
     batch = _batch("seq_cls")
-    plan = types.SimpleNamespace(clip_norm=0.5, noise_multiplier=1.3, batch_size=ROWS)
-    diff = _noise(graphdef, params, rest, batch, plan, accum_steps, jax.random.key(3, impl="rbg"))
+    diff = _noise(params, batch, (0.5, 1.3, ROWS), accum_steps, jax.random.key(3, impl="rbg"), dropout=0.1)
     expected = 1.3 * 0.5 / ROWS
     # thousands of coordinates: the sample std is within a few percent of the configured std
     assert diff.size > 3000
@@ -142,23 +172,22 @@ def test_noise_standard_deviation_is_sigma_c_over_b_once_per_batch(accum_steps):
 def test_accumulation_sums_clipped_gradients_before_one_noise():
     """Micro-batches (some all padding, so skipped) give the large batch's clipped sum; the noise
     of the accumulated gradient has std sigma C / B, not sqrt(micro-batches) times that."""
-    graphdef, params, rest = _setup("seq_cls")
+    _, params, _ = _setup("seq_cls")
     valid = np.array([1, 0, 1, 1, 0, 0, 1, 0] * 2, np.int32)
     batch = _batch("seq_cls", rows=16, valid=valid)
     lengths = np.array([3, 12, 4, 7, 5, 9, 12, 3, 8, 2, 11, 4, 6, 12, 3, 10])
     batch["attention_mask"] = jnp.asarray((np.arange(12)[None, :] < lengths[:, None]).astype(np.int32))
     batch["input_ids"] = batch["input_ids"] * batch["attention_mask"]
-    plan = types.SimpleNamespace(clip_norm=0.05, noise_multiplier=2.0, batch_size=8)
+    plan = (0.05, 2.0, 8)
     key = jax.random.key(1, impl="rbg")
-    whole, whole_stats = steps.private_gradient(graphdef, "seq_cls", plan, params, rest, batch, key, 1, noise=False)
+    whole, whole_stats = _private_gradient(plan, 1, noise=False)(params, batch, key)
     for accum in (2, 4, 8):
         # lengths: micro-batches whose rows all fit run cut to 4 or 8 of the batch's 12 positions
-        parts, stats = jax.jit(lambda p, b: steps.private_gradient(graphdef, "seq_cls", plan, p, rest, b, key, accum,
-                                                                   noise=False, lengths=(4, 8)))(params, batch)
+        parts, stats = _private_gradient(plan, accum, noise=False, lengths=(4, 8))(params, batch, key)
         for a, b in zip(jax.tree.leaves(parts), jax.tree.leaves(whole)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
         np.testing.assert_allclose(np.asarray(stats), np.asarray(whole_stats), rtol=1e-6)
-    diff = _noise(graphdef, params, rest, batch, plan, 8, key)
+    diff = _noise(params, batch, plan, 8, key)
     assert abs(diff.std() / (2.0 * 0.05 / 8) - 1) < 0.05
 
 
@@ -217,7 +246,7 @@ def test_poisson_loader_draws_per_seed_and_step_with_the_expected_size_and_resum
     first, again, other = make(), make(), make(seed=1)
     sizes = []
     for _ in range(300):
-        a, b, c = next(first), next(again), next(other)
+        a, b, _ = next(first), next(again), next(other)
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
         assert a["input_ids"].shape[0] == max_rows

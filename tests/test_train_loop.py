@@ -10,7 +10,7 @@ from flax import nnx
 
 from flaxen import checkpoint, loop, modeling
 
-from tiny_runs import TINY, make_cfg  # noqa: F401  (TINY: the model the configs build)
+from tiny_runs import make_cfg
 
 
 def restore_state(run_dir, step, task_data, cfg):

@@ -15,32 +15,22 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from omegaconf import OmegaConf
 
 import models
+import tiny_runs
 from flaxen import checkpoint, config, evaluation_run, loop, modeling
 from flaxen.errors import CheckpointError
 from models import peft
 
-HIDDEN, LABELS, RANK = 16, 2, 2
-TINY = dict(family="bert", vocab_size=50, hidden_size=HIDDEN, num_layers=1, num_heads=2, intermediate_size=32,
-            max_position_embeddings=32, hidden_dropout=0.1, attention_dropout=0.1, name="tiny")
+TINY = tiny_runs.TINY
+HIDDEN, LABELS, RANK = TINY["hidden_size"], 2, 2
 LORA = {"name": "lora", "rank": RANK, "alpha": 4, "dropout": 0.1, "target_modules": ["query", "value"]}
 
 
 def make_cfg(run_dir, **overrides):
-    cfg = OmegaConf.structured(config.TrainConfig)
-    cfg.model = OmegaConf.merge(cfg.model, TINY)
-    cfg.data.max_length, cfg.data.bucket_lengths, cfg.data.window_length = 16, [16], 16
-    cfg.task.name = "seq_cls"
-    cfg.run_dir, cfg.data_dir = str(run_dir), str(run_dir)
-    settings = dict(steps=4, batch_size=8, log_every=2, eval_every=0, checkpoint_every=2, eval_batch_size=8,
-                    keep_checkpoints=5, progress_bar=False, loggers=[], optimizer={"lr": 1e-2})
-    settings.update(overrides)
-    for key, value in settings.items():
-        OmegaConf.update(cfg, key, value, merge=True)
-    cfg.schedule.warmup_steps = 1
-    return cfg
+    """tests/tiny_runs.py's tiny seq_cls run: 4 steps at lr 1e-2, checkpoints every 2, no evaluation."""
+    settings = {"steps": 4, "eval_every": 0, "checkpoint_every": 2, "optimizer.lr": 1e-2, "schedule.warmup_steps": 1}
+    return tiny_runs.make_cfg(run_dir, **{**settings, **overrides})
 
 
 def arrays(run_dir, step, items=("params", "rest")):

@@ -1,4 +1,4 @@
-"""The tiny training config that the loop, PEFT and fault-injection tests share: a 1-layer,
+"""The tiny training config that the loop, logging, PEFT and fault-injection tests share: a 1-layer,
 16-wide BERT on the in-memory data of tests/conftest.py, 8 steps of 8 rows by default."""
 from omegaconf import OmegaConf
 
@@ -16,10 +16,10 @@ def make_cfg(run_dir, task="seq_cls", data_dir=None, **overrides):
     cfg.data.max_length, cfg.data.bucket_lengths, cfg.data.window_length = 16, [16], 16
     cfg.task.name = task
     cfg.run_dir, cfg.data_dir = str(run_dir), str(run_dir if data_dir is None else data_dir)
-    settings = dict(steps=8, batch_size=8, log_every=2, eval_every=4, checkpoint_every=4, eval_batch_size=8,
-                    keep_checkpoints=5, progress_bar=False, loggers=[])
+    settings = {"steps": 8, "batch_size": 8, "log_every": 2, "eval_every": 4, "checkpoint_every": 4,
+                "eval_batch_size": 8, "keep_checkpoints": 5, "progress_bar": False, "loggers": [],
+                "schedule.warmup_steps": 2}
     settings.update(overrides)
     for key, value in settings.items():
         OmegaConf.update(cfg, key, value, merge=False)
-    cfg.schedule.warmup_steps = 2
     return cfg

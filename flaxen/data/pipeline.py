@@ -65,6 +65,18 @@ def seed32(seed: int, salt: int) -> int:
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(seed) >> 32, salt]).generate_state(1)[0])
 
 
+def _check_state(meta: dict, state: dict) -> None:
+    """CheckpointError unless the saved loader `state` was made by a loader built for `meta` and
+    holds a `next_index`."""
+    mismatched = [f"{key}: saved {state.get(key)!r}, now {value!r}" for key, value in meta.items()
+                  if state.get(key) != value]
+    if mismatched:
+        raise CheckpointError("the data iterator state does not belong to this loader (" + "; ".join(mismatched)
+                              + "); resuming would not replay the same batches")
+    if "next_index" not in state:
+        raise CheckpointError("the data iterator state has no 'next_index'")
+
+
 class Loader:
     """Batches of one split; `get_state()` / `set_state()` give exact resume.
 
@@ -94,13 +106,7 @@ class Loader:
         return {**self._meta, "next_index": int(self._iterator.get_state()["next_index"])}
 
     def set_state(self, state: dict) -> None:
-        mismatched = [f"{key}: saved {state.get(key)!r}, now {value!r}" for key, value in self._meta.items()
-                      if state.get(key) != value]
-        if mismatched:
-            raise CheckpointError("the data iterator state does not belong to this loader (" + "; ".join(mismatched)
-                                  + "); resuming would not replay the same batches")
-        if "next_index" not in state:
-            raise CheckpointError("the data iterator state has no 'next_index'")
+        _check_state(self._meta, state)
         self._iterator.set_state({"next_index": int(state["next_index"])})
 
 
@@ -157,13 +163,7 @@ class PoissonLoader:
                 "dropped_rows": self.dropped_rows}
 
     def set_state(self, state: dict) -> None:
-        mismatched = [f"{key}: saved {state.get(key)!r}, now {value!r}" for key, value in self._meta.items()
-                      if state.get(key) != value]
-        if mismatched:
-            raise CheckpointError("the data iterator state does not belong to this loader (" + "; ".join(mismatched)
-                                  + "); resuming would not replay the same batches")
-        if "next_index" not in state:
-            raise CheckpointError("the data iterator state has no 'next_index'")
+        _check_state(self._meta, state)
         self._next = int(state["next_index"])
         self.truncated_batches = int(state.get("truncated_batches", 0))
         self.dropped_rows = int(state.get("dropped_rows", 0))

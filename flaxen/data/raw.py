@@ -33,6 +33,7 @@ def sha256_file(path: str) -> str:
             digest.update(block)
     return digest.hexdigest()
 
+
 DOCSTART = "-DOCSTART-"
 
 

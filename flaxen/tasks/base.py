@@ -317,10 +317,15 @@ def token_cross_entropy(logits, labels):
     return jnp.where(mask, losses, 0.0), mask
 
 
+def label_strings(names: Optional[Sequence[str]], count: int) -> list[str]:
+    """The run's label names, or "0", "1", ... for `count` labels when it has none."""
+    return list(names) if names else [str(i) for i in range(count)]
+
+
 def label_index(value: Any, names: Optional[Sequence[str]], count: int, key: str = "target") -> int:
     """The index of label `value` (a name, or an index as int or digits) among `count` labels;
     ConfigError naming `key` and the choices."""
-    names = list(names) if names else [str(i) for i in range(count)]
+    names = label_strings(names, count)
     if isinstance(value, str) and value in names:
         return names.index(value)
     try:

@@ -20,13 +20,18 @@ from flaxen.tasks.language_model import LanguageModelTask
 ENDLESS = 1 << 62
 
 
+def end_of_text_id(tokenizer: Any):
+    """The token the training stream puts between texts (and generation stops at): eos, else sep."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
 def token_stream(data: Any, split: str) -> np.ndarray:
     """The split as one int32 id sequence (computed once per split)."""
 
     def build():
         tokenizer = data.tokenizer
         pieces = tokenizer.encode_batch(data.texts(split))
-        separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        separator = end_of_text_id(tokenizer)
         if data.prepared.schema != "text" and separator is not None:
             pieces = [p + [separator] for p in pieces]
         stream = np.fromiter((i for p in pieces for i in p), np.int32)
@@ -150,7 +155,7 @@ class CausalLanguageModel(LanguageModelTask):
         import models
 
         tokenizer = run.tokenizer
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        eos = end_of_text_id(tokenizer)
         key = jax.random.key(options.seed)
         calls = [0]
 
@@ -168,7 +173,7 @@ class CausalLanguageModel(LanguageModelTask):
     def format_predictions(self, records, rows, outputs, run, options):
         """{"prompt", "completion"}: the new tokens up to the end-of-text token, decoded."""
         tokenizer = run.tokenizer
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        eos = end_of_text_id(tokenizer)
         out = []
         for record, output in zip(records, outputs):
             ids = [int(i) for i in output["new_tokens"]]

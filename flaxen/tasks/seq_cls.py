@@ -20,8 +20,8 @@ import numpy as np
 from flaxen import metrics
 from flaxen.data import encoding
 from flaxen.errors import ConfigError
-from flaxen.tasks.base import (IGNORE_INDEX, AttributionTarget, RecordTask, check_unused, label_index, register,
-                               softmax, token_cross_entropy, valid_rows)
+from flaxen.tasks.base import (IGNORE_INDEX, AttributionTarget, RecordTask, check_unused, label_index, label_strings,
+                               register, softmax, token_cross_entropy, valid_rows)
 
 
 @register
@@ -131,7 +131,7 @@ class SequenceClassification(RecordTask):
         if "value" in outputs[0]:
             return [{"value": float(o["value"])} for o in outputs]
         count = len(outputs[0]["probabilities"])
-        names = list(run.label_names) if run.label_names else [str(i) for i in range(count)]
+        names = label_strings(run.label_names, count)
         out = []
         for o in outputs:
             p = np.asarray(o["probabilities"], np.float64)
@@ -152,13 +152,13 @@ class SequenceClassification(RecordTask):
             check_unused(self, target=target)
             return [AttributionTarget("predicted value", "logits", (0,))]
         index = int(np.argmax(logits)) if target is None else label_index(target, label_names, logits.shape[-1])
-        name = label_names[index] if label_names else str(index)
+        name = label_strings(label_names, logits.shape[-1])[index]
         return [AttributionTarget(f"logit of {name!r}", "logits", (index,))]
 
     def describe_prediction(self, output, row, targets, label_names=None):
         logits = np.asarray(output.logits)[0]
         if logits.shape[-1] == 1:
             return f"{float(logits[0]):.4g}", {}
-        names = list(label_names) if label_names else [str(i) for i in range(logits.shape[-1])]
+        names = label_strings(label_names, logits.shape[-1])
         probabilities = softmax(logits)
         return names[int(np.argmax(logits))], {name: float(p) for name, p in zip(names, probabilities)}

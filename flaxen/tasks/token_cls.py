@@ -21,7 +21,7 @@ from flaxen import metrics
 from flaxen.data import encoding
 from flaxen.errors import ConfigError, DataError
 from flaxen.tasks.base import (IGNORE_INDEX, AttributionTarget, RecordTask, TokenTask, check_unused, label_index,
-                               register, softmax)
+                               label_strings, register, softmax)
 
 
 def word_labels(data: Any, split: str, process_index: int = 0, process_count: int = 1) -> list[list[str]]:
@@ -134,7 +134,7 @@ class TokenClassification(RecordTask, TokenTask):
         """{"tokens", "tags"}: a tag per word, read at its first sub-token; words cut off by
         truncation are tagged O (as evaluation counts them)."""
         count = int(run.spec.num_labels)
-        names = list(run.label_names) if run.label_names else [str(i) for i in range(count)]
+        names = label_strings(run.label_names, count)
         outside = "O" if "O" in names else names[0]
         out = []
         for record, row, output in zip(records, rows, outputs):
@@ -170,11 +170,11 @@ class TokenClassification(RecordTask, TokenTask):
         index = self._position(row, position)
         logits = np.asarray(output.logits)[0, index]
         tag = int(np.argmax(logits)) if target is None else label_index(target, label_names, logits.shape[-1])
-        name = label_names[tag] if label_names else str(tag)
+        name = label_strings(label_names, logits.shape[-1])[tag]
         return [AttributionTarget(f"logit of {name!r} at token {index}", "logits", (index, tag))]
 
     def describe_prediction(self, output, row, targets, label_names=None):
         index = targets[0].index[0]
         logits = np.asarray(output.logits)[0, index]
-        names = list(label_names) if label_names else [str(i) for i in range(logits.shape[-1])]
+        names = label_strings(label_names, logits.shape[-1])
         return f"token {index}: {names[int(np.argmax(logits))]}", dict(zip(names, softmax(logits).tolist()))

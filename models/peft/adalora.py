@@ -18,16 +18,13 @@ that the layers inside read, one stream per layer.
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import Dense, dropout
-from models.peft import targets
+from models.layers import Dense
 from models.peft.config import AdaLoRAConfig
-from models.peft.lora import _dropout_key, lora_block_class, low_rank
+from models.peft.lora import adapt_block_dense, low_rank_update
 from models.peft.variables import PeftParam, axis_names, peft_param
 
 INIT_STD = 0.02
@@ -64,16 +61,9 @@ class AdaLoRADense(Dense):
         return self.lora_e.shape[0]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = super().__call__(x)
-        h = x.astype(self.dtype)
-        key = _dropout_key.get()
-        if key is not None:
-            h = dropout(h, self.dropout_rate, jax.random.fold_in(key, self.stream))
-        batch = h.shape[:h.ndim - len(self.in_shape)]
         a = self.lora_a[...].reshape(-1, self.rank) * self.lora_e[...][None, :]
         b = self.lora_b[...].reshape(self.rank, -1)
-        h = low_rank(h.reshape(math.prod(batch), -1), a.astype(self.dtype), b.astype(self.dtype))
-        return y + h.reshape(batch + self.out_shape) * jnp.asarray(self.scaling, self.dtype)
+        return super().__call__(x) + low_rank_update(self, x, a.astype(self.dtype), b.astype(self.dtype))
 
     def delta(self) -> jax.Array:
         """scaling · (A ⊙ E) · B in float32, shaped like the kernel [*in, *out]."""
@@ -84,14 +74,9 @@ class AdaLoRADense(Dense):
 
 def apply_adalora(model, config: AdaLoRAConfig, rngs: nnx.Rngs) -> None:
     """Replaces the targeted Dense layers of every block with AdaLoRADense, in place."""
-    chosen = targets.select(model, Dense, config.target_modules, "target_modules")
-    for stream, (index, path, dense) in enumerate(chosen):
-        layer = AdaLoRADense(dense, rank=config.init_r, alpha=config.lora_alpha, dropout_rate=config.lora_dropout,
-                             stream=stream, rngs=rngs)
-        targets.replace(targets.blocks(model)[index], path, layer)
-    layers = targets.blocks(model)
-    for index in range(len(layers)):
-        layers[index] = lora_block_class(type(layers[index]))(layers[index])
+    adapt_block_dense(model, config.target_modules, lambda dense, stream: AdaLoRADense(
+        dense, rank=config.init_r, alpha=config.lora_alpha, dropout_rate=config.lora_dropout, stream=stream,
+        rngs=rngs))
 
 
 def adalora_layers(model) -> list[tuple[tuple, AdaLoRADense]]:

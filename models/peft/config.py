@@ -342,14 +342,9 @@ def from_dict(values: Mapping | PeftConfig | None) -> PeftConfig:
     for key in ("target_modules", "modules_to_save", "feedforward_modules"):
         if key in values:
             values[key] = _patterns(key, values[key])
-    if isinstance(values.get("alpha"), int) and not isinstance(values.get("alpha"), bool):
-        values["alpha"] = float(values["alpha"])
-    if name == "prompt" and _is_int(values.get("init_std")):
-        values["init_std"] = float(values["init_std"])
-    if name == "adalora":
-        for key in ("lora_alpha", "lora_dropout", "beta1", "beta2", "orth_reg_weight"):
-            if _is_int(values.get(key)):
-                values[key] = float(values[key])
+    for field in dataclasses.fields(cls):  # YAML writes 16 for 16.0: float settings hold floats
+        if field.type == "float" and _is_int(values.get(field.name)):
+            values[field.name] = float(values[field.name])
     return validate(cls(**values))
 
 

@@ -108,14 +108,13 @@ def _saved_modules(model, entry_of: dict) -> tuple[dict, list]:
 
 
 def export_hf_peft(model, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> str:
-    """Writes a LoRA model's adapter in Hugging Face PEFT format to directory `path`; returns it.
+    """Writes a LoRA, AdaLoRA, prompt-tuning or IA³ model's adapter in Hugging Face PEFT format to
+    directory `path`; returns it.
 
-    The base model for PyTorch is the flaxen model without LoRA in Hugging Face layout (e.g. the
+    The base model for PyTorch is the flaxen model without its PEFT method in Hugging Face layout (e.g. the
     directory it was loaded from). Heads: none (task_type null) and those with a
     models.heads.HeadSpec.peft_task_type (seq_cls, token_cls, causal_lm).
     """
-    from safetensors.numpy import save_file
-
     config = getattr(model, "peft_config", None)
     if not isinstance(config, (LoRAConfig, AdaLoRAConfig, PromptTuningConfig, IA3Config)):
         name = getattr(config, "name", "none")
@@ -158,15 +157,7 @@ def export_hf_peft(model, path: str | os.PathLike, *, base_model_name_or_path: s
         "inference_mode": True,
         "init_lora_weights": True,
     }
-
-    def write(staging):
-        save_file(tensors, os.path.join(staging, WEIGHTS_FILE), metadata={"format": "pt"})
-        with open(os.path.join(staging, CONFIG_FILE), "w") as f:
-            json.dump(adapter_config, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    return write_directory(path, write)
-
+    return _write_adapter(path, tensors, adapter_config)
 
 
 # ----------------------------------------------------------------------------------------- AdaLoRA

@@ -43,6 +43,19 @@ def low_rank(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     return matmul(matmul(x, a), b)
 
 
+def low_rank_update(layer, x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """layer.scaling · (dropout(x) · a) · b [..., *out] in the layer's compute dtype, for a low-rank
+    layer (LoRADense, AdaLoRADense): x [..., *in], a [in, rank], b [rank, out] (flattened factors,
+    in the compute dtype). Dropout reads the key its block scoped, in the layer's own stream."""
+    h = x.astype(layer.dtype)
+    key = _dropout_key.get()
+    if key is not None:
+        h = dropout(h, layer.dropout_rate, jax.random.fold_in(key, layer.stream))
+    batch = h.shape[:h.ndim - len(layer.in_shape)]
+    h = low_rank(h.reshape(math.prod(batch), -1), a, b).reshape(batch + layer.out_shape)
+    return h * jnp.asarray(layer.scaling, layer.dtype)
+
+
 @contextlib.contextmanager
 def dropout_key_scope(key: jax.Array | None):
     """Makes `key` the LoRA dropout key of the LoRA layers called inside the block."""
@@ -76,15 +89,9 @@ class LoRADense(Dense):
 
     def lora_update(self, x: jax.Array) -> jax.Array:
         """scaling · (dropout(x) · A) · B [..., *out] in the compute dtype."""
-        h = x.astype(self.dtype)
-        key = _dropout_key.get()
-        if key is not None:
-            h = dropout(h, self.dropout_rate, jax.random.fold_in(key, self.stream))
-        batch = h.shape[:h.ndim - len(self.in_shape)]
         a = self.lora_a[...].astype(self.dtype).reshape(-1, self.lora_a.shape[-1])
         b = self.lora_b[...].astype(self.dtype).reshape(self.lora_b.shape[0], -1)
-        h = low_rank(h.reshape(math.prod(batch), -1), a, b).reshape(batch + self.out_shape)
-        return h * jnp.asarray(self.scaling, self.dtype)
+        return low_rank_update(self, x, a, b)
 
     def delta(self) -> jax.Array:
         """scaling · A · B in float32, shaped like the kernel [*in, *out]."""
@@ -105,9 +112,7 @@ class QLoRADense(QuantizedDense):
     """
 
     def __init__(self, quantized: QuantizedDense, lora: LoRADense):
-        for name, value in vars(quantized).items():
-            if not name.startswith("_pytree__"):
-                setattr(self, name, value)
+        targets.adopt(self, quantized)
         self.lora_a, self.lora_b = lora.lora_a, lora.lora_b
         self.scaling, self.dropout_rate, self.stream = lora.scaling, lora.dropout_rate, lora.stream
 
@@ -130,9 +135,7 @@ class LoRABlock:
     """
 
     def __init__(self, block: nnx.Module):
-        for name, value in vars(block).items():
-            if not name.startswith("_pytree__"):
-                setattr(self, name, value)
+        targets.adopt(self, block)
 
     def __call__(self, x, mask, dropout_rng=None, *args, **kwargs):
         key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, LORA_DROPOUT_STREAM)
@@ -160,16 +163,22 @@ def base_block_class(cls: type) -> type:
     return next(c for c in cls.__mro__[1:] if not issubclass(c, LoRABlock)) if issubclass(cls, LoRABlock) else cls
 
 
-def apply_lora(model, config: LoRAConfig, rngs: nnx.Rngs) -> None:
-    """Replaces the targeted Dense layers of every block with LoRADense, in place."""
-    chosen = targets.select(model, Dense, config.target_modules, "target_modules")
+def adapt_block_dense(model, target_modules, make) -> None:
+    """Replaces the Dense layers inside the blocks that `target_modules` (peft.target_modules) match
+    with `make(dense, stream)` (stream: the layer's dropout stream, 0, 1, ... in model order), and
+    makes every block a LoRA block that scopes the dropout key; in place."""
+    chosen = targets.select(model, Dense, target_modules, "target_modules")
     for stream, (index, path, dense) in enumerate(chosen):
-        lora = LoRADense(dense, rank=config.rank, scaling=config.scaling, dropout_rate=config.dropout,
-                         stream=stream, rngs=rngs)
-        targets.replace(targets.blocks(model)[index], path, lora)
+        targets.replace(targets.blocks(model)[index], path, make(dense, stream))
     layers = targets.blocks(model)
     for index in range(len(layers)):
         layers[index] = lora_block_class(type(layers[index]))(layers[index])
+
+
+def apply_lora(model, config: LoRAConfig, rngs: nnx.Rngs) -> None:
+    """Replaces the targeted Dense layers of every block with LoRADense, in place."""
+    adapt_block_dense(model, config.target_modules, lambda dense, stream: LoRADense(
+        dense, rank=config.rank, scaling=config.scaling, dropout_rate=config.dropout, stream=stream, rngs=rngs))
 
 
 def lora_layers(model) -> list[tuple[tuple, LoRADense | QLoRADense]]:

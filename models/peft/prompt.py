@@ -44,6 +44,7 @@ from flax import nnx
 
 from models.bert import check_inputs
 from models.errors import ConfigError
+from models.peft import targets
 from models.peft.config import PromptTuningConfig
 from models.peft.variables import PromptParam, peft_param
 
@@ -72,9 +73,7 @@ class PromptBackbone:
     """
 
     def __init__(self, backbone: nnx.Module, prompt: jax.Array):
-        for name, value in vars(backbone).items():
-            if not name.startswith("_pytree__"):
-                setattr(self, name, value)
+        targets.adopt(self, backbone)
         self.num_virtual_tokens = int(prompt.shape[0])
         self.prompt_embeddings = peft_param(PromptParam, prompt, ("prompt", "embed"))
 

@@ -103,3 +103,11 @@ def replace(root: nnx.Module, path: tuple, new: nnx.Module) -> None:
         parent[key] = new
     else:
         setattr(parent, key, new)
+
+
+def adopt(new: nnx.Module, old: nnx.Module) -> None:
+    """Gives `new` (an instance of a subclass made for the replacement) every attribute of `old`:
+    its modules, parameters and settings, the same objects under the same names."""
+    for name, value in vars(old).items():
+        if not name.startswith("_pytree__"):
+            setattr(new, name, value)
