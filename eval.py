@@ -20,9 +20,10 @@ from flaxen.errors import FlaxenError
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Evaluates per `cfg` (a composed EvalConfig); `overrides` are the command-line key=value
     pairs to re-apply on top of a run's saved config. Returns the eval_<split>.json content."""
-    from flaxen import distributed, evaluation_run
+    from flaxen import compilation, distributed, evaluation_run
 
     distributed.initialize(cfg.get("distributed"))
+    compilation.use_cache(cfg.get("compilation_cache_dir"))
     return evaluation_run.evaluate_from_config(cfg, overrides or [])
 
 

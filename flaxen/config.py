@@ -23,6 +23,7 @@ from flaxen import tasks
 from flaxen.data import DataConfig
 from flaxen.data.config import check_config as check_data_config
 from flaxen.errors import ConfigError
+from flaxen.generate import GenerationConfig
 from flaxen.logging import check_loggers
 from flaxen.privacy import PrivacyConfig
 from flaxen.privacy import check_config as check_privacy_config
@@ -51,16 +52,24 @@ ModelSchema = _model_schema()
 
 @dataclass
 class TaskConfig:
-    """What is learned: a task registered in flaxen/tasks/ (mlm, clm, seq_cls, token_cls, qa).
+    """What is learned: a task registered in flaxen/tasks/ (mlm, clm, seq_cls, token_cls, qa,
+    seq2seq, span_corruption).
 
     num_labels: the head's size for labelled tasks (null: from the data's label set).
     n_best_size / max_answer_length: qa post-processing (start/end candidates per window, longest
     answer in tokens), as Hugging Face's run_qa.py.
+    label_smoothing: seq2seq / span_corruption, the smoothed cross-entropy's epsilon (0: plain).
+    separator: seq2seq on a decoder-only model, the text between prompt and completion.
+    generation: decoding at evaluation and generate.py's defaults (flaxen.generate.GenerationConfig).
+    (How records become rows is data's: data.max_target_length, data.noise_density, ...)
     """
     name: str = "mlm"
     num_labels: Optional[int] = None
     n_best_size: int = 20
     max_answer_length: int = 30
+    label_smoothing: float = 0.0
+    separator: str = "\n"
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 @dataclass
@@ -148,6 +157,8 @@ class TrainConfig:
     loggers: List[str] = field(default_factory=lambda: ["tensorboard"])
     wandb_project: Optional[str] = None  # null: WANDB_PROJECT, else "flaxen"
     wandb_entity: Optional[str] = None   # null: WANDB_ENTITY, else wandb's default entity
+    # JAX's persistent compilation cache (flaxen.compilation); null: off
+    compilation_cache_dir: Optional[str] = None
 
 
 @dataclass

@@ -20,12 +20,20 @@ from flaxen import sharding, tasks
 
 def evaluate(eval_step: Callable, params, rest, task_data: Any, task: Any, split: str, *, batch_size: int,
              batch_sharding=None, max_batches: int | None = None, task_cfg: Any = None,
-             with_predictions: bool = False):
+             with_predictions: bool = False, graphdef: Any = None, training: bool = False):
     """Metrics of `split` (nested `report` where the task has one). `task`: a Task or its name;
     `task_cfg`: the run's `task` config node. With `with_predictions`, returns (metrics,
-    predictions or None), the predictions being what the task writes to predictions_<split>.json."""
+    predictions or None), the predictions being what the task writes (predictions_<split>.json,
+    or .txt for generated text). `graphdef`: the model's nnx graph definition (params and rest
+    hold its weights): given, a task that generates at evaluation (`eval_generator`) does so;
+    `training`: this is one of train.py's evaluations (a task may then skip decoding)."""
     task = tasks.get(task)
     loader = task_data.loader(split, batch_size, seed=0, train=False)
+    generate = None
+    if graphdef is not None:
+        from flax import nnx
+
+        generate = task.eval_generator(nnx.merge(graphdef, params, rest), task_data, task_cfg, training)
     outputs, host = [], []
     for index, batch in enumerate(loader):
         if max_batches is not None and index >= max_batches:
@@ -33,6 +41,8 @@ def evaluate(eval_step: Callable, params, rest, task_data: Any, task: Any, split
         device_batch = sharding.put_batch(batch, batch_sharding) if batch_sharding is not None else batch
         outputs.append(eval_step(params, rest, device_batch))
         host.append(task.host_fields(batch))
+        if generate is not None:
+            host[-1].update(generate(batch))
     result, predictions = task.evaluate(jax.device_get(outputs), host, task_data, split, task_cfg)
     return (result, predictions) if with_predictions else result
 

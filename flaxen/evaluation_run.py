@@ -1,6 +1,8 @@
 """eval.py's work: find what to evaluate (a run's best or chosen checkpoint, or a pretrained
 model), rebuild the model, evaluate one split, print a table and write eval_<split>.json (and
-predictions_<split>.json for tasks with predictions, e.g. qa: {question id: answer}).
+predictions_<split>.json for tasks with predictions, e.g. qa: {question id: answer}; for tasks
+that generate text, seq2seq, predictions_<split>.txt: one detokenised hypothesis per line, in
+record order, generated with the run's decoding settings, task.generation).
 
 Why separate from flaxen.evaluate: that module computes metrics from a step function and a
 loader; this one resolves configs, run directories and checkpoints around it.
@@ -21,13 +23,14 @@ from flaxen import evaluate as evaluation
 from flaxen import logging as run_logging
 from flaxen import inference, modeling, sharding, state, tasks
 from flaxen.errors import ConfigError
+from flaxen.generate import write_text
 
 
 def _load_task_data(cfg, run_dir=None):
     from flaxen.data import load_task_data
 
     config_lib.check_data_dir(cfg)
-    return load_task_data(cfg.data, tasks.get(cfg.task.name), os.path.abspath(os.path.expanduser(cfg.data_dir)),
+    return load_task_data(cfg.data, tasks.for_run(cfg), os.path.abspath(os.path.expanduser(cfg.data_dir)),
                           tokenizer_path=modeling.tokenizer_path(cfg, run_dir), presets=config_lib.data_preset)
 
 
@@ -62,7 +65,7 @@ def evaluate_from_config(cfg: Any, overrides: list[str]) -> dict:
     result, predictions = evaluation.evaluate(
         setup.eval_step, setup.params, setup.rest, task_data, setup.task, cfg.split, batch_size=batch_size,
         batch_sharding=setup.batch_sharding, max_batches=cfg.eval_batches, task_cfg=train_cfg.task,
-        with_predictions=True)
+        with_predictions=True, graphdef=setup.graphdef)
     report = {"split": cfg.split, "task": train_cfg.task.name, **origin, "metrics": result}
     title = f"{train_cfg.task.name} on {cfg.split}: " + (
         f"{origin['checkpoint']}" if "checkpoint" in origin else origin["pretrained"])
@@ -71,7 +74,11 @@ def evaluate_from_config(cfg: Any, overrides: list[str]) -> dict:
         path = os.path.join(output_dir, f"eval_{cfg.split}.json")
         run_logging.write_json(path, report)
         print(f"wrote {path}")
-        if predictions is not None:
+        if isinstance(predictions, list):  # generated text: one hypothesis per line, in record order
+            path = os.path.join(output_dir, f"predictions_{cfg.split}.txt")
+            write_text(predictions, path)
+            print(f"wrote {path}")
+        elif predictions is not None:
             path = os.path.join(output_dir, f"predictions_{cfg.split}.json")
             run_logging.write_json(path, predictions)
             print(f"wrote {path}")

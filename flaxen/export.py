@@ -113,7 +113,7 @@ def export(run_dir: str, out: str, step: Optional[int] = None, overwrite: bool =
     of unmerged PEFT weights, or None)."""
     import models
     from models import peft
-    from models.heads import HEADS
+    from models import hf
     from models.peft.checkpoint import write_directory
 
     from flaxen import inference
@@ -143,9 +143,8 @@ def export(run_dir: str, out: str, step: Optional[int] = None, overwrite: bool =
     model.hf_metadata = tuple(sorted(metadata.items()))
     config = model.config
     model_max_length = min(task.row_length(run.cfg.data), config.max_position_embeddings)
-    input_names = ["input_ids", "token_type_ids", "attention_mask"] if config.family == "bert" else \
-        ["input_ids", "attention_mask"]
-    architecture = HEADS[model.head_name].hf_architectures[config.family]
+    input_names = list(hf.family_of(config).input_names)
+    architecture = hf.architecture(config, model.head_name)
 
     def write(staging: str) -> None:
         models.save_pretrained(model, staging, id2label=run.label_names)

@@ -43,7 +43,7 @@ class TrainedRun:
 
     @property
     def task(self):
-        return tasks.get(self.cfg.task.name)
+        return tasks.for_run(self.cfg)
 
     @property
     def label_names(self) -> list[str] | None:

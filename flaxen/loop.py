@@ -31,8 +31,9 @@ A run directory cannot be damaged by a second command (`RunDirectory`):
   log_every, early_stopping_patience, progress_bar, loggers, wandb_project, wandb_entity,
   experiment_name (a label), data_dir, run_dir (a moved directory), data.prepared_dir (prepared
   data is keyed by content), data.loader_threads (prefetching only) and distributed.* (how
-  processes find each other). A saved config.yaml's retired keys are read as their replacements
-  (config.load_saved: `tensorboard` as `loggers`).
+  processes find each other) and compilation_cache_dir (flaxen.compilation: where compiled
+  programs are kept, never what they compute). A saved config.yaml's retired keys are read as
+  their replacements (config.load_saved: `tensorboard` as `loggers`).
   config.yaml keeps the first start's values; every start appends one JSON line to
   commands.jsonl: {"time", "host", "pid", "argv", "start": new | restart | resume,
   "changed": {key: [saved, this start's]}}. A directory without a checkpoint holds no state
@@ -67,6 +68,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flaxen import checkpoint as checkpointing
+from flaxen import compilation
 from flaxen import config as config_lib
 from flaxen import distributed
 from flaxen import evaluate as evaluation
@@ -80,7 +82,8 @@ from models import peft
 # config keys a resume may change (a key covers the keys under it); see the module docstring
 SAFE_ON_RESUME = ("steps", "eval_every", "eval_batches", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
                   "log_every", "early_stopping_patience", "progress_bar", "loggers", "wandb_project", "wandb_entity",
-                  "experiment_name", "data_dir", "run_dir", "data.prepared_dir", "data.loader_threads", "distributed")
+                  "experiment_name", "data_dir", "run_dir", "data.prepared_dir", "data.loader_threads", "distributed",
+                  "compilation_cache_dir")
 
 
 # what a DP-SGD step adds to a metrics.jsonl row (flaxen.steps.make_private_train_step), besides `epsilon`
@@ -137,7 +140,8 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
           task_data: Any = None) -> dict:
     config_lib.validate(cfg)
     distributed.initialize(cfg.get("distributed"))
-    task = tasks.get(cfg.task.name)
+    compilation.use_cache(cfg.get("compilation_cache_dir"))
+    task = tasks.for_run(cfg)
     metric_name, metric_mode = config_lib.best_metric(cfg)
     evaluating = bool(cfg.eval_split)
     with RunDirectory(cfg) as run:  # locked, and a resume's config checked; nothing written yet
@@ -551,7 +555,8 @@ def _evaluate(cfg: Any, setup: state.TrainSetup, current: _State, task_data: Any
     """Metrics of cfg.eval_split at `step`, written to metrics.jsonl and the loggers when `writer` is given."""
     result = evaluation.evaluate(setup.eval_step, current.params, current.rest, task_data, setup.task,
                                  cfg.eval_split, batch_size=cfg.eval_batch_size, batch_sharding=setup.batch_sharding,
-                                 max_batches=cfg.eval_batches, task_cfg=cfg.task)
+                                 max_batches=cfg.eval_batches, task_cfg=cfg.task, graphdef=setup.graphdef,
+                                 training=True)
     if writer is not None:
         writer.write(step, evaluation.scalar_metrics(result, cfg.eval_split))
     return result

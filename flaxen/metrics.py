@@ -13,6 +13,14 @@ names and variable-length word sequences; the device only returns per-example pr
 - Extractive QA (qa): SQuAD v1.1's exact match and token F1 after the official script's answer
   normalisation (`squad_normalize`), each the maximum over a question's gold answers;
   `squad_scores` averages them over questions in percent, as evaluate-v1.1.py reports them.
+- Generation (seq2seq): `bleu` is sacreBLEU's corpus BLEU (its defaults: 13a tokenisation, mixed
+  case, exponential smoothing) on detokenised text, with sacreBLEU's signature string, so a
+  number can be compared with published ones; `rouge` is the mean ROUGE-1 / ROUGE-2 / ROUGE-L
+  F-measure of the rouge_score package (Google's reimplementation of the ROUGE-1.5.5 script) with
+  its Porter stemmer on (use_stemmer=True, as Hugging Face's run_summarization.py reports it);
+  ROUGE-L is the sentence-level LCS (`rougeL`, not the newline-split `rougeLsum`). rouge_score's
+  tokenizer keeps only [a-z0-9] runs of the lower-cased text, so on German letters outside ASCII
+  (ä, ö, ü, ß) words are split. Both in percent (0-100).
 """
 from __future__ import annotations
 
@@ -219,3 +227,37 @@ def squad_scores(predictions: Mapping[str, str], references: Mapping[str, Sequen
         f1 += squad_max_over_gold(squad_f1, predictions[qid], golds)
     total = len(references)
     return {"exact_match": 100.0 * _safe_div(exact, total), "f1": 100.0 * _safe_div(f1, total)}
+
+
+# ---------------------------------------------------------------- generation (seq2seq)
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
+    """{"bleu": corpus BLEU in percent, "bleu_signature": sacreBLEU's signature} of one hypothesis
+    per reference (one reference each), with sacreBLEU's default settings (tokenize 13a)."""
+    from sacrebleu.metrics import BLEU
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    scorer = BLEU()
+    score = scorer.corpus_score(list(hypotheses), [list(references)])
+    return {"bleu": float(score.score), "bleu_signature": str(scorer.get_signature())}
+
+
+def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
+    """{"rouge1", "rouge2", "rougeL"}: the mean F-measure over pairs in percent (rouge_score with
+    its stemmer; see the module docstring)."""
+    from rouge_score import rouge_scorer
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for hypothesis, reference in zip(hypotheses, references):
+        scores = scorer.score(reference, hypothesis)
+        for key in ROUGE_TYPES:
+            totals[key] += scores[key].fmeasure
+    count = len(hypotheses)
+    return {key: 100.0 * _safe_div(total, count) for key, total in totals.items()}

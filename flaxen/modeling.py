@@ -115,7 +115,7 @@ def build(cfg: Any, task_data: Any, log=print) -> tuple[models.Model, ModelSpec]
     """The starting model of a run (pretrained or from scratch, with `cfg.peft` applied; init_from
     is applied by the loop). Method settings that default to the run's length (AdaLoRA's
     total_step) are filled in from `cfg.steps` (models.peft.for_run), so model.json records them."""
-    task = tasks.get(cfg.task.name)
+    task = tasks.for_run(cfg)
     head = task.head
     num_labels = task.num_labels(cfg, task_data)
     label_names = list(task_data.label_names) if getattr(task_data, "label_names", None) is not None else None

@@ -131,7 +131,7 @@ def from_config(cfg: Any, model: nnx.Module, *, mesh=None, trainable_filter: Any
     rows = cfg.batch_size if privacy is None else privacy.max_rows
     micro_batch = cfg.micro_batch_size or rows
     schedule = optim.make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.steps) if with_optimizer else None
-    return build(model, cfg.task.name, mesh, dict(cfg.mesh.logical_axis_rules),
+    return build(model, tasks.for_run(cfg), mesh, dict(cfg.mesh.logical_axis_rules),
                  optimizer_cfg=cfg.optimizer if with_optimizer else None, schedule=schedule,
                  trainable_filter=trainable_filter, accum_steps=rows // micro_batch, abstract=abstract,
                  privacy=privacy,

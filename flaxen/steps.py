@@ -76,7 +76,8 @@ def make_train_step(graphdef, task, optimizer: optax.GradientTransformation, *, 
 
     def loss_fn(params, rest, batch, rng, weight):
         output = _forward(graphdef, params, rest, task, batch, rng, activation_sharding)
-        loss_sum, _ = task.loss_terms(output, batch)
+        with jax.named_scope("loss"):  # named scopes label the ops in profiles (scripts/profile_step.py)
+            loss_sum, _ = task.loss_terms(output, batch)
         return loss_sum / weight, loss_sum
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -97,9 +98,10 @@ def make_train_step(graphdef, task, optimizer: optax.GradientTransformation, *, 
             (grads, loss_sum), _ = jax.lax.scan(
                 accumulate, (zeros, jnp.zeros((), jnp.float32)),
                 (_micro_batches(batch, accum_steps), jnp.arange(accum_steps)))
-        grad_norm = global_norm(grads)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        with jax.named_scope("optimizer"):
+            grad_norm = global_norm(grads)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
         metrics = {"loss": loss_sum / weight, "grad_norm": grad_norm, "weight": weight}
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)

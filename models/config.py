@@ -1,7 +1,10 @@
 """Typed model configuration shared by every architecture in models/.
 
-One dataclass describes both families: `family="bert"` (post-LN encoder, exact GELU, token types,
-pooler) and `family="gpt2"` (pre-LN decoder, tanh GELU, causal attention, tied LM head). The YAML
+One dataclass describes every family: `family="bert"` (post-LN encoder, exact GELU, token types,
+pooler), `family="roberta"` (the BERT encoder with RoBERTa's padding-offset positions and
+first-token classification head; models.bert.RobertaEncoder), `family="gpt2"` (pre-LN decoder,
+tanh GELU, causal attention, tied LM head) and
+`family="t5"` (encoder-decoder with relative position buckets and RMS norms; models.t5). The YAML
 files in configs/model/ fill it; `models.hf` maps it to and from Hugging Face `config.json`.
 
 `pruned_heads` ({layer: [head, ...]}, as Hugging Face's `config.pruned_heads`) names the attention
@@ -20,7 +23,7 @@ import jax.numpy as jnp
 
 from models.errors import ConfigError
 
-FAMILIES = ("bert", "gpt2")
+FAMILIES = ("bert", "gpt2", "t5", "roberta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,16 +50,35 @@ class ModelConfig:
     use_bias: bool = True
     # {layer: [original head indices removed]}; None: every layer has num_heads heads
     pruned_heads: Optional[Dict[int, List[int]]] = None
+    # jax.nn.dot_product_attention's implementation: None (on CPU flaxen's explicit attention, elsewhere
+    # XLA's choice), "xla" or "cudnn" (NVIDIA GPUs, bfloat16/float16 compute: cuDNN's fused kernel)
+    attention_implementation: Optional[str] = None
+    # family "t5" only (models.t5; Hugging Face T5Config's names): the per-head size (None:
+    # hidden_size // num_heads), decoder depth (None: num_layers), relative position buckets and the
+    # distance where the last bucket starts, the feed-forward ('relu': T5 v1.0; 'gated-gelu': v1.1),
+    # and whether the output layer is the shared embedding (scaled by hidden_size**-0.5) or its own
+    # lm_head. T5 has no biases and no absolute positions: use_bias, max_position_embeddings and
+    # type_vocab_size are not read; hidden_dropout is T5's dropout_rate.
+    d_kv: Optional[int] = None
+    num_decoder_layers: Optional[int] = None
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    feed_forward_proj: str = "relu"
+    tie_word_embeddings: bool = True
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ConfigError(f"model.family={self.family!r}: expected one of {', '.join(FAMILIES)}")
-        if self.hidden_size % self.num_heads:
+        check_t5_fields(self)
+        if self.d_kv is None and self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}"
             )
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"model.dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
+        if self.attention_implementation not in (None, "xla", "cudnn"):
+            raise ConfigError(f"model.attention_implementation={self.attention_implementation!r}: expected null, "
+                              "'xla' or 'cudnn'")
         object.__setattr__(self, "pruned_heads", normalise_pruned_heads(self.pruned_heads, self.num_layers,
                                                                          self.num_heads))
 
@@ -74,7 +96,12 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.d_kv if self.d_kv is not None else self.hidden_size // self.num_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        """T5's decoder depth: num_decoder_layers, else num_layers."""
+        return self.num_decoder_layers if self.num_decoder_layers is not None else self.num_layers
 
     @property
     def compute_dtype(self):
@@ -91,6 +118,37 @@ class ModelConfig:
         values["pruned_heads"] = None if self.pruned_heads is None else {
             layer: list(heads) for layer, heads in self.pruned_heads}
         return values
+
+
+T5_FIELDS = ("d_kv", "num_decoder_layers", "relative_attention_num_buckets", "relative_attention_max_distance",
+             "feed_forward_proj", "tie_word_embeddings")
+FEED_FORWARD_PROJ = ("relu", "gated-gelu")
+
+
+def check_t5_fields(config: "ModelConfig"):
+    """ConfigError naming the key for a T5 field out of range, or set on a family without it."""
+    if config.family != "t5":
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        changed = [name for name in T5_FIELDS if getattr(config, name) != defaults[name]]
+        if changed:
+            raise ConfigError(f"model.{changed[0]}={getattr(config, changed[0])!r} applies to model.family='t5' only "
+                              f"(model.family={config.family!r})")
+        return
+    for name in ("d_kv", "num_decoder_layers"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"model.{name}={value!r}: expected a positive integer or null")
+    if config.feed_forward_proj not in FEED_FORWARD_PROJ:
+        raise ConfigError(f"model.feed_forward_proj={config.feed_forward_proj!r}: expected one of "
+                          f"{', '.join(repr(p) for p in FEED_FORWARD_PROJ)}")
+    buckets, distance = config.relative_attention_num_buckets, config.relative_attention_max_distance
+    if buckets < 4:
+        raise ConfigError(f"model.relative_attention_num_buckets={buckets}: expected at least 4")
+    if distance <= buckets // 2:
+        raise ConfigError(f"model.relative_attention_max_distance={distance}: expected more than "
+                          f"model.relative_attention_num_buckets // 2 = {buckets // 2}")
+    if config.pruned_heads:
+        raise ConfigError("model.pruned_heads: head pruning is not available for model.family='t5'")
 
 
 def normalise_pruned_heads(value, num_layers: int, num_heads: int):

@@ -1,8 +1,9 @@
 """Task heads on top of an encoder or decoder's hidden states, and the one table describing them.
 
 Why one table: `Model`, `models.hf` and models.peft ask what a head needs (which families have
-it, BERT's pooler, num_labels, its Hugging Face names) through `HEADS[name]` and never test a
-head's name, so a new head is a module here plus one `HeadSpec` entry.
+it, BERT's pooler, num_labels) through `HEADS[name]` and never test a head's name, so a new head
+is a module here plus one `HeadSpec` entry (and, to load and save it in Hugging Face layout, its
+class and tensor names in the family's mapping, e.g. models/bert_hf.py).
 
 Modules:
 - MaskedLMHead: BERT's transform (dense, GELU, LayerNorm), then the tied word embedding plus an
@@ -10,9 +11,15 @@ Modules:
 - CausalLMHead: the tied token embedding: [batch, seq, embed] -> [batch, seq, vocab].
 - SequenceClassifier: dropout + dense on one vector per sequence (BERT's pooled output, or a
   decoder's last real token) -> [batch, num_labels]; num_labels=1 is regression.
+- FirstTokenClassifier: RoBERTa's classification head on the first token (<s>) of [batch, seq,
+  embed]: dropout, dense + tanh, dropout, `out_proj` -> [batch, num_labels] (in place of BERT's
+  pooler + dense: the RoBERTa backbone builds no pooler for it).
 - TokenClassifier: dropout + dense at every position -> [batch, seq, num_labels].
 - QAHead: extractive question answering (Hugging Face's `qa_outputs`): dense, without
   dropout, at every position [batch, seq, embed] -> [batch, seq, 2]: answer start and end logits.
+- Seq2SeqLMHead: T5's output layer on the decoder's hidden states [batch, tgt, embed] -> [batch,
+  tgt, vocab]: the shared embedding transposed after scaling by hidden_size**-0.5
+  (tie_word_embeddings) or its own bias-free lm_head.
 
 Table: HEADS[name] -> HeadSpec, name None being the bare backbone (no head). `Model` builds
 `spec.build(config, num_labels, rngs)` as `model.head` and takes its outputs from
@@ -23,8 +30,9 @@ input_ids is None when the model was called with inputs_embeds: heads must not n
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -63,6 +71,31 @@ class SequenceClassifier(nnx.Module):
         return self.dense(dropout(vector, self.dropout_rate, dropout_rng))
 
 
+class FirstTokenClassifier(nnx.Module):
+    """RoBERTa's sequence classification head: hidden [batch, seq, embed] -> [batch, num_labels] from
+    the first position: dropout, dense (embed -> embed) + tanh, dropout, out_proj (embed -> labels)."""
+
+    def __init__(self, config: ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
+        e, std, dt = config.hidden_size, config.initializer_range, config.compute_dtype
+        self.dense = Dense(e, e, ("embed", "embed_out"), rngs=rngs, init_std=std, dtype=dt)
+        self.out_proj = Dense(e, num_labels, ("embed", "labels"), rngs=rngs, init_std=std, dtype=dt)
+        rate = config.classifier_dropout
+        self.dropout_rate = config.hidden_dropout if rate is None else rate
+
+    def __call__(self, hidden, dropout_rng=None):
+        rngs = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
+        x = jnp.tanh(self.dense(dropout(hidden[:, 0], self.dropout_rate, rngs[0])))
+        return self.out_proj(dropout(x, self.dropout_rate, rngs[1]))
+
+
+def _sequence_classifier(config: ModelConfig, num_labels: int, rngs: nnx.Rngs) -> nnx.Module:
+    """The seq_cls module of a family: RoBERTa's own first-token head; BERT's dense on the pooled
+    output; GPT-2's bias-free dense (Hugging Face's `score`) on the last real token."""
+    if config.family == "roberta":
+        return FirstTokenClassifier(config, num_labels, rngs=rngs)
+    return SequenceClassifier(config, num_labels, use_bias=config.family == "bert", rngs=rngs)
+
+
 class TokenClassifier(SequenceClassifier):
     """The same dense layer, applied at every position of [batch, seq, embed]."""
 
@@ -79,6 +112,22 @@ class QAHead(nnx.Module):
         return self.dense(hidden)
 
 
+class Seq2SeqLMHead(nnx.Module):
+    """T5's LM head: `lm_head` [embed, vocab] when config.tie_word_embeddings is False, else none
+    (the shared embedding, with the decoder output scaled by hidden_size**-0.5 as in T5)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.scale = config.hidden_size ** -0.5
+        self.lm_head = None if config.tie_word_embeddings else Dense(
+            config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs, use_bias=False, init_std=1.0,
+            dtype=config.compute_dtype)
+
+    def __call__(self, hidden, embedding: Embed):
+        if self.lm_head is None:
+            return embedding.attend(hidden * self.scale)
+        return self.lm_head(hidden)
+
+
 def last_token(hidden, attention_mask):
     """hidden[b, last position where attention_mask[b] is 1] -> [batch, embed] (right padding)."""
     positions = jnp.arange(attention_mask.shape[1])
@@ -90,50 +139,40 @@ def last_token(hidden, attention_mask):
 
 
 @dataclasses.dataclass(frozen=True)
-class HFWeight:
-    """One module or tensor of a head in Hugging Face layout, filling the head's parameters under `path`.
-
-    kind: 'dense' (a torch Linear: `name`.weight [out, in], and `name`.bias unless bias=False),
-    'norm' (a LayerNorm: `name`.weight, `name`.bias) or 'vector' (the one tensor `name`, also
-    read under its `aliases`).
-    """
-
-    kind: str
-    name: str
-    path: tuple[str, ...]
-    bias: bool = True
-    aliases: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
 class HeadSpec:
     """What `Model`, `models.hf` and models.peft need to know about one head.
 
-    families: the model families ('bert', 'gpt2') that can have it.
+    families: the model families ('bert', 'roberta', 'gpt2', ...) that can have it.
     build(config, num_labels, rngs): the head module, or None (bare backbone).
     apply(head, hidden, pooled, model, attention_mask, input_ids, rng): {ModelOutput field: array}
         from the backbone's hidden [batch, seq, embed] and pooled [batch, embed] | None; rng is
         the head's dropout key (None when deterministic).
-    needs_pooler: BERT's pooler is built (and read and written as Hugging Face's `bert.pooler`).
+    pooler_families: the encoder families whose pooler (tanh(dense(h[:, 0]))) is built for this
+        head, and read and written as Hugging Face's `bert.pooler` / `roberta.pooler`
+        (`uses_pooler(family)`).
     takes_labels: num_labels sets the output size and id2label names the labels.
     ties_embedding: the output layer is the token embedding (Hugging Face tie_word_embeddings).
     generates: next-token logits of a decoder, which models.generate continues from.
-    hf_architectures: family -> the transformers class `save_pretrained` names in config.json.
-    hf_weights: family -> the head's own tensors in Hugging Face layout (none if absent).
     peft_task_type: Hugging Face PEFT's task_type for `export_hf_peft`; None: no export (the bare
         backbone exports with task_type null).
+    reads_pooled_only: with BERT's pooler the head reads nothing but the pooled output (position 0's
+        final hidden state), so `Model(..., head_positions_only=True)` runs the last block for that
+        position alone.
     """
 
     families: tuple[str, ...]
     build: Callable[[ModelConfig, int, nnx.Rngs], Optional[nnx.Module]]
     apply: Callable[..., dict[str, Any]]
-    hf_architectures: Mapping[str, str]
-    hf_weights: Mapping[str, tuple[HFWeight, ...]] = dataclasses.field(default_factory=dict)
-    needs_pooler: bool = False
+    pooler_families: tuple[str, ...] = ()
     takes_labels: bool = False
     ties_embedding: bool = False
     generates: bool = False
     peft_task_type: Optional[str] = None
+    reads_pooled_only: bool = False
+
+    def uses_pooler(self, family: str) -> bool:
+        """Whether a `family` model with this head builds the encoder's pooler."""
+        return family in self.pooler_families
 
 
 def _no_output(head, hidden, pooled, model, attention_mask, input_ids, rng):
@@ -149,8 +188,11 @@ def _causal_lm(head, hidden, pooled, model, attention_mask, input_ids, rng):
 
 
 def _sequence(head, hidden, pooled, model, attention_mask, input_ids, rng):
-    """BERT's pooled output, else (decoders) the hidden state of each sequence's last real token
-    (by attention_mask; without one, the last position, as Hugging Face does for inputs_embeds)."""
+    """RoBERTa's head reads the hidden states itself; else BERT's pooled output, else (decoders) the
+    hidden state of each sequence's last real token (by attention_mask; without one, the last
+    position, as Hugging Face does for inputs_embeds)."""
+    if isinstance(head, FirstTokenClassifier):
+        return {"logits": head(hidden, rng)}
     if pooled is None:
         mask = jnp.ones(hidden.shape[:2], jnp.int32) if attention_mask is None else attention_mask
         pooled = last_token(hidden, mask)
@@ -166,64 +208,57 @@ def _qa(head, hidden, pooled, model, attention_mask, input_ids, rng):
     return {"start_logits": logits[..., 0], "end_logits": logits[..., 1]}
 
 
+def _seq2seq_lm(head, hidden, pooled, model, attention_mask, input_ids, rng):
+    return {"logits": head(hidden, model.shared)}
+
+
 HEADS: dict[Optional[str], HeadSpec] = {
     None: HeadSpec(
-        families=("bert", "gpt2"),
+        families=("bert", "roberta", "gpt2"),
         build=lambda config, num_labels, rngs: None,
         apply=_no_output,
-        hf_architectures={"bert": "BertModel", "gpt2": "GPT2Model"},
-        needs_pooler=True,
+        pooler_families=("bert", "roberta"),
     ),
     "mlm": HeadSpec(
-        families=("bert",),
+        families=("bert", "roberta"),
         build=lambda config, num_labels, rngs: MaskedLMHead(config, rngs=rngs),
         apply=_masked_lm,
-        hf_architectures={"bert": "BertForMaskedLM"},
-        hf_weights={"bert": (
-            HFWeight("dense", "cls.predictions.transform.dense", ("transform",)),
-            HFWeight("norm", "cls.predictions.transform.LayerNorm", ("norm",)),
-            HFWeight("vector", "cls.predictions.bias", ("bias",), aliases=("cls.predictions.decoder.bias",)),
-        )},
         ties_embedding=True,
     ),
     "causal_lm": HeadSpec(
         families=("gpt2",),
         build=lambda config, num_labels, rngs: CausalLMHead(),
         apply=_causal_lm,
-        hf_architectures={"gpt2": "GPT2LMHeadModel"},
         ties_embedding=True,
         generates=True,
         peft_task_type="CAUSAL_LM",
     ),
     "seq_cls": HeadSpec(
-        families=("bert", "gpt2"),
-        build=lambda config, num_labels, rngs: SequenceClassifier(
-            config, num_labels, use_bias=config.family == "bert", rngs=rngs),
+        families=("bert", "roberta", "gpt2"),
+        build=_sequence_classifier,
         apply=_sequence,
-        hf_architectures={"bert": "BertForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"},
-        hf_weights={"bert": (HFWeight("dense", "classifier", ("dense",)),),
-                    "gpt2": (HFWeight("dense", "score", ("dense",), bias=False),)},
-        needs_pooler=True,
+        pooler_families=("bert",),
         takes_labels=True,
         peft_task_type="SEQ_CLS",
+        reads_pooled_only=True,
     ),
     "token_cls": HeadSpec(
-        families=("bert", "gpt2"),
+        families=("bert", "roberta", "gpt2"),
         build=lambda config, num_labels, rngs: TokenClassifier(config, num_labels, rngs=rngs),
         apply=_token,
-        hf_architectures={"bert": "BertForTokenClassification", "gpt2": "GPT2ForTokenClassification"},
-        hf_weights={"bert": (HFWeight("dense", "classifier", ("dense",)),),
-                    "gpt2": (HFWeight("dense", "classifier", ("dense",)),)},
         takes_labels=True,
         peft_task_type="TOKEN_CLS",
     ),
     "qa": HeadSpec(
-        families=("bert",),
+        families=("bert", "roberta"),
         build=lambda config, num_labels, rngs: QAHead(config, rngs=rngs),
         apply=_qa,
-        hf_architectures={"bert": "BertForQuestionAnswering"},
-        hf_weights={"bert": (HFWeight("dense", "qa_outputs", ("dense",)),)},
         peft_task_type="QUESTION_ANS",
+    ),
+    "seq2seq_lm": HeadSpec(
+        families=("t5",),
+        build=lambda config, num_labels, rngs: Seq2SeqLMHead(config, rngs=rngs),
+        apply=_seq2seq_lm,
     ),
 }
 

@@ -1,10 +1,17 @@
-"""Hugging Face model directories in and out: config.json mapping and weight layout.
+"""Hugging Face model directories in and out: the shared machinery and the family registry.
 
 Why: researchers start from public checkpoints and hand results back to PyTorch users, so a local
 Hugging Face directory (config.json + model.safetensors, or pytorch_model.bin when torch is
 installed) must load into a flaxen `Model` with the same numbers, and `save_pretrained` must write a
 directory that `transformers.AutoModel...from_pretrained` loads with no missing or unexpected keys.
 No PyTorch is needed at run time: safetensors are read and written through numpy.
+
+This file holds what every model family shares: reading and writing directories, config.json
+handling, the `Entry` transforms, fresh initialisation of absent head weights, error messages. Each
+family keeps its weight names and config translation beside its model file (models/bert_hf.py,
+models/gpt2_hf.py, models/roberta_hf.py) and registers them with `register(HFFamily(...))`; the
+family modules are imported at the bottom of this file, one line each. Nothing here tests a
+family's name.
 
 Layout (HF tensor -> flaxen parameter): Linear weights [out, in] are transposed into kernels
 [*in, *out] (attention kernels keep heads explicit: query [embed, heads, head_dim], output
@@ -26,7 +33,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,156 +42,18 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.errors import CheckpointError, ConfigError
-from models.heads import HEADS, HFWeight, lookup
-from models.model import Model
+from models.heads import HEADS, lookup
+from models.model import Model, build_model
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("bert", "gpt2")
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 
-BACKBONE_PREFIX = {"bert": "bert.", "gpt2": "transformer."}
-ACTIVATIONS = {"bert": ("gelu",), "gpt2": ("gelu_new", "gelu_pytorch_tanh")}
-IGNORED_WEIGHTS = re.compile(
-    r"^((bert\.)?embeddings\.position_ids|(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight"
-    r"|cls\.predictions\.decoder\.(weight|bias))$"
-)
-OVERRIDABLE = ("dtype", "remat", "hidden_dropout", "attention_dropout", "classifier_dropout", "initializer_range")
+OVERRIDABLE = ("dtype", "remat", "hidden_dropout", "attention_dropout", "classifier_dropout", "initializer_range",
+               "attention_implementation")
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
-# ----------------------------------------------------------------------------- config.json
-
-
-def _require(hf: dict, key: str, source: str):
-    if key not in hf or hf[key] is None:
-        raise CheckpointError(f"{source}: required key {key!r} is missing")
-    return hf[key]
-
-
-def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
-    """A Hugging Face config.json mapping (model_type 'bert' or 'gpt2') -> ModelConfig."""
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(
-            f"{source}: model_type={model_type!r} is not supported; supported model types: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    activation_key = "hidden_act" if model_type == "bert" else "activation_function"
-    activation = hf.get(activation_key, ACTIVATIONS[model_type][0])
-    if activation not in ACTIVATIONS[model_type]:
-        raise CheckpointError(
-            f"{source}: {activation_key}={activation!r} is not supported for {model_type}; expected one of "
-            f"{', '.join(ACTIVATIONS[model_type])}"
-        )
-    if hf.get("add_cross_attention"):
-        raise CheckpointError(f"{source}: add_cross_attention=true is not supported (flaxen has no cross-attention)")
-    if model_type == "bert":
-        if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise CheckpointError(
-                f"{source}: position_embedding_type={hf['position_embedding_type']!r} is not supported; "
-                "expected 'absolute'"
-            )
-        if hf.get("is_decoder"):
-            raise CheckpointError(f"{source}: is_decoder=true (causal BERT) is not supported")
-        return ModelConfig(
-            family="bert",
-            vocab_size=_require(hf, "vocab_size", source),
-            hidden_size=_require(hf, "hidden_size", source),
-            num_layers=_require(hf, "num_hidden_layers", source),
-            num_heads=_require(hf, "num_attention_heads", source),
-            intermediate_size=_require(hf, "intermediate_size", source),
-            max_position_embeddings=hf.get("max_position_embeddings", 512),
-            type_vocab_size=hf.get("type_vocab_size", 2),
-            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
-            hidden_dropout=float(hf.get("hidden_dropout_prob", 0.1)),
-            attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)),
-            classifier_dropout=hf.get("classifier_dropout"),
-            pad_token_id=hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0,
-            initializer_range=float(hf.get("initializer_range", 0.02)),
-            pruned_heads=hf.get("pruned_heads") or None,
-        )
-    if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
-        raise CheckpointError(
-            f"{source}: only scale_attn_weights=true and scale_attn_by_inverse_layer_idx=false are supported"
-        )
-    hidden = _require(hf, "n_embd", source)
-    pad = hf.get("pad_token_id")
-    return ModelConfig(
-        family="gpt2",
-        vocab_size=_require(hf, "vocab_size", source),
-        hidden_size=hidden,
-        num_layers=_require(hf, "n_layer", source),
-        num_heads=_require(hf, "n_head", source),
-        intermediate_size=hf.get("n_inner") or 4 * hidden,
-        max_position_embeddings=hf.get("n_positions", 1024),
-        layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        hidden_dropout=float(hf.get("resid_pdrop", 0.1)),
-        attention_dropout=float(hf.get("attn_pdrop", 0.1)),
-        classifier_dropout=hf.get("classifier_dropout"),
-        pad_token_id=pad if pad is not None else (hf.get("eos_token_id") if isinstance(hf.get("eos_token_id"), int) else 0),
-        initializer_range=float(hf.get("initializer_range", 0.02)),
-        pruned_heads=hf.get("pruned_heads") or None,
-    )
-
-
-def config_to_hf(config: ModelConfig) -> dict:
-    """ModelConfig -> the architecture part of a Hugging Face config.json (no head, no labels).
-
-    A head-pruned config (models.prune.prune_heads) adds `pruned_heads` {"layer": [heads]} with
-    the smaller attention weights, Hugging Face's layout for pruned models. transformers 5 no
-    longer builds pruned models (it dropped `pruned_heads`): for PyTorch, save
-    `models.prune.expand_pruned_heads(model)` instead, the same function at full size."""
-    hf = _config_to_hf(config)
-    if config.pruned_heads:
-        hf["pruned_heads"] = {str(layer): list(heads) for layer, heads in config.pruned_heads}
-    return hf
-
-
-def _config_to_hf(config: ModelConfig) -> dict:
-    if config.family == "bert":
-        return {
-            "model_type": "bert",
-            "vocab_size": config.vocab_size,
-            "hidden_size": config.hidden_size,
-            "num_hidden_layers": config.num_layers,
-            "num_attention_heads": config.num_heads,
-            "intermediate_size": config.intermediate_size,
-            "hidden_act": "gelu",
-            "max_position_embeddings": config.max_position_embeddings,
-            "type_vocab_size": config.type_vocab_size,
-            "layer_norm_eps": config.layer_norm_eps,
-            "hidden_dropout_prob": config.hidden_dropout,
-            "attention_probs_dropout_prob": config.attention_dropout,
-            "classifier_dropout": config.classifier_dropout,
-            "position_embedding_type": "absolute",
-            "pad_token_id": config.pad_token_id,
-            "initializer_range": config.initializer_range,
-            "tie_word_embeddings": True,
-        }
-    return {
-        "model_type": "gpt2",
-        "vocab_size": config.vocab_size,
-        "n_embd": config.hidden_size,
-        "n_layer": config.num_layers,
-        "n_head": config.num_heads,
-        "n_inner": config.intermediate_size,
-        "n_positions": config.max_position_embeddings,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": config.layer_norm_eps,
-        "resid_pdrop": config.hidden_dropout,
-        "embd_pdrop": config.hidden_dropout,
-        "attn_pdrop": config.attention_dropout,
-        "classifier_dropout": config.classifier_dropout,
-        "pad_token_id": config.pad_token_id,
-        "initializer_range": config.initializer_range,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
-    }
 
 
 # ----------------------------------------------------------------------------- weight layout
@@ -206,74 +75,170 @@ class Entry:
     aliases: tuple = ()
 
 
-def _dense(name, path, required=True, kind="linear", bias=True):
+def dense_entries(name: str, path: tuple, required: bool = True, kind: str = "linear", bias: bool = True) -> list[Entry]:
+    """A Dense layer: Hugging Face `name`.weight (and `name`.bias) -> flaxen `path`.kernel (and .bias)."""
     entries = [Entry(f"{name}.weight", (path + ("kernel",),), kind, required)]
     if bias:
         entries.append(Entry(f"{name}.bias", (path + ("bias",),), "copy", required))
     return entries
 
 
-def _norm(name, path, required=True):
+def norm_entries(name: str, path: tuple, required: bool = True) -> list[Entry]:
+    """A LayerNorm: `name`.weight / .bias (or the older .gamma / .beta) -> `path`.scale / .bias."""
     return [
         Entry(f"{name}.weight", (path + ("scale",),), "copy", required, (f"{name}.gamma",)),
         Entry(f"{name}.bias", (path + ("bias",),), "copy", required, (f"{name}.beta",)),
     ]
 
 
-def _bert_backbone(config: ModelConfig, prefix: str, pooler: bool) -> list[Entry]:
-    b, p = ("backbone",), prefix
-    entries = [
-        Entry(f"{p}embeddings.word_embeddings.weight", (b + ("embeddings", "word", "embedding"),)),
-        Entry(f"{p}embeddings.position_embeddings.weight", (b + ("embeddings", "position", "embedding"),)),
-        Entry(f"{p}embeddings.token_type_embeddings.weight", (b + ("embeddings", "token_type", "embedding"),)),
-        *_norm(f"{p}embeddings.LayerNorm", b + ("embeddings", "norm")),
-    ]
-    for i in range(config.num_layers):
-        hf, fx = f"{p}encoder.layer.{i}.", b + ("layers", i)
-        for name in ("query", "key", "value"):
-            entries += _dense(f"{hf}attention.self.{name}", fx + ("attention", name))
-        entries += _dense(f"{hf}attention.output.dense", fx + ("attention", "out"))
-        entries += _norm(f"{hf}attention.output.LayerNorm", fx + ("attention_norm",))
-        entries += _dense(f"{hf}intermediate.dense", fx + ("intermediate",))
-        entries += _dense(f"{hf}output.dense", fx + ("output",))
-        entries += _norm(f"{hf}output.LayerNorm", fx + ("output_norm",))
-    if pooler:
-        entries += _dense(f"{p}pooler.dense", b + ("pooler", "dense"), required=False)
-    return entries
+@dataclasses.dataclass(frozen=True)
+class HFWeight:
+    """One module or tensor of a head in Hugging Face layout, filling the head's parameters under `path`.
+
+    kind: 'dense' (a torch Linear: `name`.weight [out, in], and `name`.bias unless bias=False),
+    'norm' (a LayerNorm: `name`.weight, `name`.bias) or 'vector' (the one tensor `name`, also
+    read under its `aliases`).
+    """
+
+    kind: str
+    name: str
+    path: tuple[str, ...]
+    bias: bool = True
+    aliases: tuple[str, ...] = ()
 
 
-def _gpt2_backbone(config: ModelConfig, prefix: str) -> list[Entry]:
-    b, p = ("backbone",), prefix
-    entries = [
-        Entry(f"{p}wte.weight", (b + ("word", "embedding"),)),
-        Entry(f"{p}wpe.weight", (b + ("position", "embedding"),)),
-    ]
-    for i in range(config.num_layers):
-        hf, fx = f"{p}h.{i}.", b + ("layers", i)
-        qkv = tuple(fx + ("attention", name) for name in ("query", "key", "value"))
-        entries += _norm(f"{hf}ln_1", fx + ("attention_norm",))
-        entries.append(Entry(f"{hf}attn.c_attn.weight", tuple(q + ("kernel",) for q in qkv), "conv1d"))
-        entries.append(Entry(f"{hf}attn.c_attn.bias", tuple(q + ("bias",) for q in qkv), "copy"))
-        entries += _dense(f"{hf}attn.c_proj", fx + ("attention", "out"), kind="conv1d")
-        entries += _norm(f"{hf}ln_2", fx + ("mlp_norm",))
-        entries += _dense(f"{hf}mlp.c_fc", fx + ("intermediate",), kind="conv1d")
-        entries += _dense(f"{hf}mlp.c_proj", fx + ("output",), kind="conv1d")
-    entries += _norm(f"{p}ln_f", b + ("final_norm",))
-    return entries
+@dataclasses.dataclass(frozen=True)
+class HFHead:
+    """A head (models.heads.HEADS name) in one family's Hugging Face layout.
+
+    architecture: the transformers class `save_pretrained` names in config.json.
+    weights: the head's own tensors (never required: those absent from a checkpoint are fresh).
+    """
+
+    architecture: str
+    weights: tuple[HFWeight, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class HFFamily:
+    """One model family's Hugging Face mapping, registered with `register`.
+
+    family: the ModelConfig.family it serves. model_types: the config.json `model_type` values read
+        as this family.
+    config_from_hf(hf: dict, source: str) -> ModelConfig: config.json -> config; CheckpointError
+        naming `source` and the key for anything flaxen cannot build.
+    config_to_hf(config) -> dict: the architecture part of config.json (model_type included; no
+        head, labels or token ids).
+    backbone(config, prefix, head) -> list[Entry]: every backbone tensor, names starting with
+        `prefix` ('' or `prefix` below), for a model with `head`.
+    prefix: the backbone's key prefix in transformers' classes with a head ('bert.').
+    heads: head name (None: the bare backbone) -> HFHead; the heads saved and loaded for this family.
+    word_embedding: the token embedding's name without prefix; it tells a prefixed checkpoint from
+        a bare one and is the tensor tied output layers must equal.
+    tied: output-layer tensors that are the token embedding in flaxen (checked equal, not read).
+    ignored: regex (full match) of checkpoint tensors neither read nor reported as unused.
+    input_names: what the family's tokenizer returns (a tokenizer config's model_input_names).
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    config_from_hf: Callable[[dict, str], ModelConfig]
+    config_to_hf: Callable[[ModelConfig], dict]
+    backbone: Callable[[ModelConfig, str, Optional[str]], list[Entry]]
+    prefix: str
+    heads: Mapping[Optional[str], HFHead]
+    word_embedding: str
+    tied: tuple[str, ...] = ()
+    ignored: str = ""
+    input_names: tuple[str, ...] = ("input_ids", "attention_mask")
+
+
+FAMILIES: dict[str, HFFamily] = {}  # ModelConfig.family -> its mapping
+MODEL_TYPES: dict[str, HFFamily] = {}  # config.json model_type -> its family's mapping
+
+
+def register(family: HFFamily) -> HFFamily:
+    """Makes `family` loadable and savable; returns it. A family or model_type registered twice is an error."""
+    if family.family in FAMILIES:
+        raise ConfigError(f"Hugging Face mapping of family {family.family!r} is registered twice")
+    taken = [t for t in family.model_types if t in MODEL_TYPES]
+    if taken:
+        raise ConfigError(f"model_type {taken[0]!r} is already registered for family {MODEL_TYPES[taken[0]].family!r}")
+    FAMILIES[family.family] = family
+    MODEL_TYPES.update({t: family for t in family.model_types})
+    return family
+
+
+def family_of(config: ModelConfig) -> HFFamily:
+    """The registered mapping of `config.family`; ConfigError if it has none."""
+    if config.family not in FAMILIES:
+        raise ConfigError(f"family {config.family!r} has no Hugging Face mapping; registered families: "
+                          f"{', '.join(FAMILIES)}")
+    return FAMILIES[config.family]
+
+
+def hf_head(config: ModelConfig, head: Optional[str]) -> HFHead:
+    """`head` in the Hugging Face layout of `config.family`; ConfigError if the family has no such class."""
+    lookup(head, config.family)
+    family = family_of(config)
+    if head not in family.heads:
+        raise ConfigError(f"head={head!r} has no Hugging Face class for family {config.family!r}; expected one of "
+                          f"{', '.join(repr(h) for h in family.heads)}")
+    return family.heads[head]
+
+
+def architecture(config: ModelConfig, head: Optional[str]) -> str:
+    """The transformers class of a `config.family` model with `head` (what config.json's architectures names)."""
+    return hf_head(config, head).architecture
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def require(hf: dict, key: str, source: str):
+    """hf[key], or CheckpointError naming `source` and the key."""
+    if key not in hf or hf[key] is None:
+        raise CheckpointError(f"{source}: required key {key!r} is missing")
+    return hf[key]
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """A Hugging Face config.json mapping (a registered model_type) -> ModelConfig."""
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(
+            f"{source}: model_type={model_type!r} is not supported; supported model types: "
+            f"{', '.join(MODEL_TYPES)}"
+        )
+    if hf.get("add_cross_attention"):
+        raise CheckpointError(f"{source}: add_cross_attention=true is not supported (flaxen has no cross-attention)")
+    return MODEL_TYPES[model_type].config_from_hf(hf, source)
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+    """ModelConfig -> the architecture part of a Hugging Face config.json (no head, no labels).
+
+    A head-pruned config (models.prune.prune_heads) adds `pruned_heads` {"layer": [heads]} with
+    the smaller attention weights, Hugging Face's layout for pruned models. transformers 5 no
+    longer builds pruned models (it dropped `pruned_heads`): for PyTorch, save
+    `models.prune.expand_pruned_heads(model)` instead, the same function at full size."""
+    hf = family_of(config).config_to_hf(config)
+    if config.pruned_heads:
+        hf["pruned_heads"] = {str(layer): list(heads) for layer, heads in config.pruned_heads}
+    return hf
+
+
+# ----------------------------------------------------------------------------- layout of a model
 
 
 def _head_entry(weight: HFWeight) -> list[Entry]:
-    """A head's Hugging Face tensor(s) (models.heads.HFWeight); never required: absent ones are fresh."""
+    """A head's Hugging Face tensor(s); never required: absent ones are fresh."""
     path = ("head",) + weight.path
     if weight.kind == "dense":
-        return _dense(weight.name, path, required=False, bias=weight.bias)
+        return dense_entries(weight.name, path, required=False, bias=weight.bias)
     if weight.kind == "norm":
-        return _norm(weight.name, path, required=False)
+        return norm_entries(weight.name, path, required=False)
     return [Entry(weight.name, (path,), "copy", False, weight.aliases)]
-
-
-def _head(family: str, head: Optional[str]) -> list[Entry]:
-    return [entry for weight in HEADS[head].hf_weights.get(family, ()) for entry in _head_entry(weight)]
 
 
 def weight_layout(config: ModelConfig, head: Optional[str], prefix: Optional[str] = None) -> list[Entry]:
@@ -282,13 +247,11 @@ def weight_layout(config: ModelConfig, head: Optional[str], prefix: Optional[str
     prefix: the backbone's key prefix ('bert.' / 'transformer.'); by default the one
     transformers uses for that head ('' for the bare backbone).
     """
+    family = family_of(config)
+    spec = hf_head(config, head)
     if prefix is None:
-        prefix = "" if head is None else BACKBONE_PREFIX[config.family]
-    if config.family == "bert":
-        backbone = _bert_backbone(config, prefix, pooler=HEADS[head].needs_pooler)
-    else:
-        backbone = _gpt2_backbone(config, prefix)
-    return backbone + _head(config.family, head)
+        prefix = "" if head is None else family.prefix
+    return family.backbone(config, prefix, head) + [e for w in spec.weights for e in _head_entry(w)]
 
 
 def _input_axes(kernel_path: tuple) -> int:
@@ -459,6 +422,8 @@ def load_pretrained(path: str | os.PathLike, head: Optional[str] = None, **head_
         )
     config = dataclasses.replace(config, **head_kwargs)
     spec = lookup(head, config.family, kind="model_type")
+    family = family_of(config)
+    hf_head(config, head)
     if spec.ties_embedding and hf.get("tie_word_embeddings", True) is False:
         raise CheckpointError(f"{config_file}: tie_word_embeddings=false is not supported (flaxen ties the LM head)")
 
@@ -483,13 +448,11 @@ def load_pretrained(path: str | os.PathLike, head: Optional[str] = None, **head_
         raise ConfigError(f"num_labels/id2label apply to heads {labelled}, not head={head!r}")
 
     tensors, source = read_weights(path)
-    model = nnx.eval_shape(lambda: Model(config, head, num_labels if num_labels is not None else 2, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: build_model(config, head, num_labels if num_labels is not None else 2,
+                                               rngs=nnx.Rngs(0)))
     variables = _variables(model)
 
-    prefix = BACKBONE_PREFIX[config.family]
-    first = "embeddings.word_embeddings.weight" if config.family == "bert" else "wte.weight"
-    if prefix + first not in tensors:
-        prefix = ""
+    prefix = family.prefix if family.prefix + family.word_embedding in tensors else ""
     layout = weight_layout(config, head, prefix)
     used, fresh = set(), []
     for entry in layout:
@@ -520,11 +483,13 @@ def load_pretrained(path: str | os.PathLike, head: Optional[str] = None, **head_
                        ", ".join(".".join(map(str, p)) for p in fresh))
     abstract = [".".join(map(str, p)) for p, v in variables.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
     assert not abstract, f"weight layout does not cover {abstract}"
-    word = ("backbone", "embeddings", "word", "embedding") if config.family == "bert" else ("backbone", "word", "embedding")
+    word = next(e.params[0] for e in layout if e.name == prefix + family.word_embedding)
     embedding = np.asarray(variables[word][...])
-    _check_tied(tensors, "lm_head.weight", embedding, source)
-    _check_tied(tensors, "cls.predictions.decoder.weight", embedding, source)
-    unused = sorted(k for k in tensors if k not in used and not IGNORED_WEIGHTS.match(k))
+    for name in family.tied:
+        _check_tied(tensors, name, embedding, source)
+    ignored = re.compile(family.ignored) if family.ignored else None
+    unused = sorted(k for k in tensors if k not in used and k not in family.tied
+                    and not (ignored is not None and ignored.fullmatch(k)))
     if unused:
         logger.info("%s: checkpoint weights not used by head=%r: %s", path, head, ", ".join(unused))
 
@@ -541,7 +506,7 @@ def load_pretrained(path: str | os.PathLike, head: Optional[str] = None, **head_
 def _hf_config(model: Model, id2label) -> dict:
     config, head = model.config, model.head_name
     spec = HEADS[head]
-    hf = {"architectures": [spec.hf_architectures[config.family]], **config_to_hf(config), "dtype": "float32"}
+    hf = {"architectures": [architecture(config, head)], **config_to_hf(config), "dtype": "float32"}
     metadata = dict(getattr(model, "hf_metadata", ()))
     for key in TOKEN_ID_KEYS:
         if key in metadata:
@@ -612,3 +577,8 @@ def save_pretrained(model: Model, path: str | os.PathLike, *, id2label=None, tok
         if os.path.isdir(staging):
             shutil.rmtree(staging)
     return path
+
+
+# ----------------------------------------------------------------------------- the registered families
+# Each module calls register(HFFamily(...)) when imported; a new family is its file plus one line here.
+from models import bert_hf, gpt2_hf, roberta_hf, t5_hf  # noqa: E402,F401  (registration)

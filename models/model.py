@@ -1,4 +1,4 @@
-"""`Model`: a backbone (BertEncoder or GPT2Decoder) with an optional task head.
+"""`Model`: a backbone (BertEncoder, RobertaEncoder or GPT2Decoder) with an optional task head.
 
 The one callable flaxen trains and evaluates:
     out = model(input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from models.bert import BertEncoder
+from models.bert import ENCODERS
 from models.config import ModelConfig
+from models.errors import ConfigError
 from models.gpt2 import GPT2Decoder
 from models.heads import HEADS, lookup
 
@@ -53,12 +54,15 @@ class ModelOutput:
 
 class Model(nnx.Module):
     def __init__(self, config: ModelConfig, head: str | None = None, num_labels: int = 2, *, rngs: nnx.Rngs):
+        if config.family == "t5":
+            raise ConfigError("model.family='t5' is an encoder-decoder: build it with models.build_model(config, "
+                              "'seq2seq_lm')")
         spec = lookup(head, config.family)
         self.config = config
         self.head_name = head
         self.num_labels = num_labels if spec.takes_labels else None
-        if config.family == "bert":
-            self.backbone = BertEncoder(config, add_pooler=spec.needs_pooler, rngs=rngs)
+        if config.family in ENCODERS:
+            self.backbone = ENCODERS[config.family](config, add_pooler=spec.uses_pooler(config.family), rngs=rngs)
         else:
             self.backbone = GPT2Decoder(config, rngs=rngs)
         self.head = spec.build(config, num_labels, rngs)
@@ -69,13 +73,22 @@ class Model(nnx.Module):
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                  inputs_embeds=None, deterministic: bool = True, dropout_rng=None, cache=None, cache_index=None,
-                 output_attentions: bool = False, output_hidden_states: bool = False) -> ModelOutput:
+                 output_attentions: bool = False, output_hidden_states: bool = False,
+                 head_positions_only: bool = False) -> ModelOutput:
+        """The backbone, then the head. `head_positions_only` (a static bool): compute the last block
+        only at the positions the head reads, when the head says which (HeadSpec.reads_pooled_only:
+        BERT's pooled heads read position 0); the head's outputs are the same, `last_hidden_state`
+        then holds those positions only. Training and evaluation steps ask for it (flaxen's
+        seq_cls task): it skips 5/6 of the last block's work for classification."""
         if not deterministic and dropout_rng is None:
             raise ValueError("deterministic=False needs a dropout_rng")
         rng = None if deterministic else dropout_rng
         backbone_rng = None if rng is None else jax.random.fold_in(rng, 0)
         head_rng = None if rng is None else jax.random.fold_in(rng, 1)
         extra = {} if cache is None else {"cache": cache, "cache_index": cache_index}
+        if (head_positions_only and HEADS[self.head_name].reads_pooled_only and getattr(self.backbone, "pooler", None)
+                is not None and cache is None and not output_hidden_states and not output_attentions):
+            extra["first_position_only"] = True
         hidden, pooled, *rest = self.backbone(
             input_ids, attention_mask, token_type_ids, position_ids, dropout_rng=backbone_rng,
             inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
@@ -93,5 +106,11 @@ class Model(nnx.Module):
 def build_model(config: ModelConfig, head: str | None = None, num_labels: int = 2, *, rngs: nnx.Rngs | None = None,
                 seed: int = 0) -> Model:
     """A randomly initialised model of `config` with the given head (a models.heads.HEADS name:
-    'mlm', 'causal_lm', 'seq_cls', 'token_cls', 'qa'; None for the bare backbone)."""
-    return Model(config, head, num_labels, rngs=rngs if rngs is not None else nnx.Rngs(seed))
+    'mlm', 'causal_lm', 'seq_cls', 'token_cls', 'qa'; None for the bare backbone; 'seq2seq_lm' for
+    family 't5', which builds the encoder-decoder models.t5.T5 with its own call convention)."""
+    rngs = rngs if rngs is not None else nnx.Rngs(seed)
+    if config.family == "t5":
+        from models.t5 import T5  # models.t5 imports this module
+
+        return T5(config, head, num_labels, rngs=rngs)
+    return Model(config, head, num_labels, rngs=rngs)

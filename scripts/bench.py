@@ -1,6 +1,9 @@
 """Benchmarks of flaxen's train step: one JSON line per case.
 
     python scripts/bench.py [--cases peak,minilm,gpt_nano] [--steps 10] [--warmup 3] [--torch]
+    python scripts/bench.py --cases peak,minilm,gpt_nano,gpt2_small --dtype bfloat16 --attention cudnn
+                                                           # on a GPU: >> results/bench_gpu.jsonl
+    python scripts/bench.py --cases compile_cache,e2e_sst2  # whole runs (see below)
 
 First the host's f32 matmul peak (2048 x 2048 x 2048 under jax.jit, median of 10 after warm-up),
 then, with the same train step flaxen.loop runs (nnx split once, jit with shardings on a 1-device
@@ -8,7 +11,12 @@ mesh, donated state, dropout keys folded from the step):
   minilm    all-MiniLM-L6-v2 (real weights when installed) + 2-class head, full fine-tuning with
             AdamW, batch 32 x 128 tokens, dropout on (as Hugging Face's model.train());
   gpt_nano  nanoGPT's CPU model (4 layers, 4 heads, 128 wide, 65 symbols, no biases) + causal LM,
-            batch 12 x 64, AdamW (beta2 0.99, weight decay 0.1), clip 1.0, dropout 0.
+            batch 12 x 64, AdamW (beta2 0.99, weight decay 0.1), clip 1.0, dropout 0;
+  gpt2_small GPT-2 small (124M) causal LM, batch 8 x 1024, AdamW, clip 1.0: the accelerator case.
+--dtype bfloat16 computes in bf16 (parameters and optimizer state stay f32); --attention cudnn uses
+jax.nn.dot_product_attention's cuDNN kernel (NVIDIA GPUs). On an accelerator MFU is against the
+device's nominal dense peak for the dtype (ACCELERATOR_PEAK_TFLOPS, or --peak-tflops), on CPU
+against the matmul peak measured in this process.
 Each case reports step time (median and mean over --steps timed steps), tokens/s and MFU: model
 FLOPs per step = 6 x non-embedding parameters x tokens + 12 x layers x batch x seq^2 x width,
 divided by step time and by the peak measured in this process.
@@ -16,10 +24,19 @@ Every line also records what it was measured on and with: `cpu` (model and core 
 scripts/reproduce.py's host()), `git_commit`, `load_avg` (os.getloadavg() when the line was
 written: 1, 5 and 15 min; other processes' load slows the steps) and `data` (source, batch, seq,
 length_grouping: the train step cases run on one fixed batch of random token ids).
+Whole runs, as users start them (each a `python train.py ...` process; --cases as below):
+  compile_cache  the first step's time (compilation included) of experiment=quickstart and
+                 experiment=minilm_sst2 with an empty persistent compilation cache, then warm;
+  e2e_sst2       `python train.py experiment=minilm_sst2` (800 steps, evaluations and checkpoints
+                 every 200) with an empty and with a filled compilation cache, beside the same run
+                 in Hugging Face's Trainer (scripts/hf_trainer_sst2.py): process wall time and
+                 final validation accuracy of each, flaxen's speed-up = Trainer wall / flaxen wall.
 `--torch` also times the PyTorch peers in this process (torch needed; transformers for minilm):
 Hugging Face's BertForSequenceClassification on the minilm case and nanoGPT's recipe
 (scripts/nanogpt_torch.py) on the gpt_nano case, alternating one flaxen step and one PyTorch step
-so both see the same machine load, and reports flaxen's speed-up over each (> 1: flaxen is faster).
+so both see the same machine load, and reports flaxen's speed-up over each (> 1: flaxen is faster);
+`--torch --alone` times all of flaxen's steps, then all of PyTorch's. Each step line says which
+(`timing`: interleaved | alone).
 """
 from __future__ import annotations
 
@@ -27,8 +44,11 @@ import argparse
 import datetime
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,10 +81,21 @@ def data_settings(source: str, batch: int | None = None, seq: int | None = None)
 RANDOM_IDS = "one fixed batch of random token ids"
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    """f32 GFLOP/s of a jitted size^3 matmul (median of `repeats` after warm-up)."""
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+# dense (no sparsity) peak TFLOP/s by device kind, from the vendors' data sheets: MFU's denominator
+ACCELERATOR_PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.4, "float32": 494.7},  # SXM; float32 = TF32 tensor cores
+    "H100": {"bfloat16": 989.4, "float32": 494.7},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+    "L4": {"bfloat16": 121.0, "float32": 60.0},
+    "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
+}
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
+    """GFLOP/s of a jitted size^3 matmul in `dtype` (median of `repeats` after warm-up)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    b = jax.random.normal(jax.random.key(1), (size, size), dtype)
     matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()
     times = []
@@ -88,16 +119,19 @@ def non_embedding_parameters(params) -> int:
     return total
 
 
-def prepare_train_step(model, task: str, optimizer_cfg, batch: dict, warmup: int):
+def prepare_train_step(model, task: str, optimizer_cfg, batch: dict, warmup: int, *, hlo: bool = False):
     """flaxen's train step on `batch` (flaxen.state.build, as flaxen.loop), compiled and warmed up.
 
     Returns (run_one, info): run_one() runs one step to completion; info holds compile time,
-    non-embedding parameter count and the last loss."""
+    non-embedding parameter count and the last loss (and with `hlo` the compiled program's text)."""
     setup = state.build(model, task, sharding.make_mesh(MeshConfig()), {}, optimizer_cfg=optimizer_cfg,
                         schedule=optax.constant_schedule(optimizer_cfg.lr))
     params, opt_state, rest, train_step = setup.params, setup.opt_state, setup.rest, setup.train_step
     batch_sharding = setup.batch_sharding
     rng = jax.random.key(0, impl=RNG_IMPL)
+    # the compiled program's text, taken before the first step donates params and opt_state
+    program = train_step.lower(params, opt_state, rest, sharding.put_batch(batch, batch_sharding), np.int32(0),
+                               rng).compile().as_text() if hlo else None
     start = time.perf_counter()
     params, opt_state, metrics = train_step(params, opt_state, rest, sharding.put_batch(batch, batch_sharding),
                                             np.int32(0), rng)
@@ -109,6 +143,8 @@ def prepare_train_step(model, task: str, optimizer_cfg, batch: dict, warmup: int
     jax.block_until_ready(metrics)
     current = {"params": params, "opt_state": opt_state, "step": warmup, "metrics": metrics}
     info = {"compile_s": compile_seconds, "non_embedding_params": non_embedding_parameters(params)}
+    if hlo:
+        info["hlo"] = program
 
     def run_one():
         current["params"], current["opt_state"], current["metrics"] = train_step(
@@ -130,15 +166,20 @@ def timed(run_one, count: int) -> list[float]:
     return times
 
 
+# model settings the command line chooses (--dtype, --attention): compute dtype and
+# jax.nn.dot_product_attention's implementation
+SETTINGS = {"dtype": "float32", "attention_implementation": None}
+
+
 def minilm_setup():
     batch_size, seq = 32, 128
     try:
         path = models.minilm_path()
-        model = models.load_pretrained(path, head="seq_cls", num_labels=2)
+        model = models.load_pretrained(path, head="seq_cls", num_labels=2, **SETTINGS)
         weights = "all-MiniLM-L6-v2"
     except Exception:
         config = models.ModelConfig(family="bert", vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12,
-                                    intermediate_size=1536)
+                                    intermediate_size=1536, **SETTINGS)
         model = modeling.ModelSpec(config, "seq_cls", 2).build(0)
         weights = "random (all-MiniLM-L6-v2 not installed)"
     rng = np.random.default_rng(0)
@@ -150,9 +191,11 @@ def minilm_setup():
     return model, weights, batch, optimizer_cfg
 
 
-def interleaved(run_one, torch_step, count: int) -> tuple[list[float], list[float]]:
+def interleaved(run_one, torch_step, count: int, alone: bool = False) -> tuple[list[float], list[float]]:
     """Step times of flaxen and (if given) PyTorch, one step of each in turn, so that load from
-    other processes hits both alike."""
+    other processes hits both alike; with `alone`, all of flaxen's steps first, then PyTorch's."""
+    if alone:
+        return timed(run_one, count), (timed(torch_step, count) if torch_step is not None else [])
     ours, theirs = [], []
     for _ in range(count):
         ours += timed(run_one, 1)
@@ -167,13 +210,16 @@ def case_rows(args, peak: float, case: str, model, weights: str, task: str, opti
     the peer's row `torch_case` with flaxen's speed-up over it."""
     batch_size, seq = batch["input_ids"].shape
     run_one, info = prepare_train_step(model, task, optimizer_cfg, batch, args.warmup)
-    ours, theirs = interleaved(run_one, torch_step, args.steps)
+    ours, theirs = interleaved(run_one, torch_step, args.steps, alone=args.alone)
     timing = {"median_s": statistics.median(ours), "mean_s": statistics.fmean(ours), **info}
     row = _row(case, model.config, weights, batch_size, seq, timing, peak)
     if torch_step is None:
+        row["timing"] = "alone"
         return row, None
     median = statistics.median(theirs)
-    return row, {"case": torch_case, "interleaved_with": case, "step_ms": round(median * 1000, 1),
+    row["timing"] = "alone" if args.alone or torch_step is None else "interleaved"
+    return row, {"case": torch_case, "timing": row["timing"], "interleaved_with": None if args.alone else case,
+                 "step_ms": round(median * 1000, 1),
                  "mean_step_ms": round(statistics.fmean(theirs) * 1000, 1),
                  "tokens_per_s": round(batch_size * seq / median, 1),
                  "flaxen_speedup": round(median / timing["median_s"], 3), **torch_info,
@@ -190,21 +236,48 @@ def minilm_case(args, peak: float, torch_step=None, torch_info=None) -> tuple[di
 NANO = {"batch": 12, "seq": 64, "vocab": 65, "layers": 4, "heads": 4, "width": 128}
 
 
-def gpt_nano_case(args, peak: float, torch_step=None, torch_info=None) -> tuple[dict, dict | None]:
-    """The shakespeare_char_cpu preset's step (no biases, as nanoGPT); with `torch_step` (nanoGPT's
-    recipe in PyTorch, scripts/nanogpt_torch.py) also its row."""
+def gpt_nano_setup():
+    """The shakespeare_char_cpu preset's model (no biases, as nanoGPT), one random batch and its
+    optimizer settings."""
     batch_size, seq = NANO["batch"], NANO["seq"]
     config = models.ModelConfig(family="gpt2", vocab_size=NANO["vocab"], hidden_size=NANO["width"],
                                 num_layers=NANO["layers"], num_heads=NANO["heads"], intermediate_size=4 * NANO["width"],
                                 max_position_embeddings=seq, layer_norm_eps=1e-5, hidden_dropout=0.0,
-                                attention_dropout=0.0, use_bias=False)
+                                attention_dropout=0.0, use_bias=False, **SETTINGS)
     model = modeling.ModelSpec(config, "causal_lm", 2).build(0)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, NANO["vocab"], (batch_size, seq + 1)).astype(np.int32)
     batch = {"input_ids": ids[:, :-1], "attention_mask": np.ones((batch_size, seq), np.int32), "labels": ids[:, 1:]}
     optimizer_cfg = OptimizerConfig(name="adamw", lr=1e-3, b2=0.99, weight_decay=0.1, clip_norm=1.0)
+    return model, batch, optimizer_cfg
+
+
+def gpt_nano_case(args, peak: float, torch_step=None, torch_info=None) -> tuple[dict, dict | None]:
+    """The shakespeare_char_cpu preset's step; with `torch_step` (nanoGPT's recipe in PyTorch,
+    scripts/nanogpt_torch.py) also its row."""
+    model, batch, optimizer_cfg = gpt_nano_setup()
     return case_rows(args, peak, "gpt_nano_clm", model, "random", "clm", optimizer_cfg, batch,
                      "gpt_nano_clm_nanogpt_torch", torch_step, torch_info)
+
+
+GPT2_SMALL = {"batch": 8, "seq": 1024}
+
+
+def gpt2_small_case(args, peak: float) -> dict:
+    """GPT-2 small (124M; configs/model/gpt2_small.yaml) causal LM on batch 8 x 1024 random tokens,
+    AdamW with clipping, dropout 0.1 as GPT-2's config: the accelerator case (bf16 compute and the
+    cuDNN attention kernel with --dtype bfloat16 --attention cudnn)."""
+    batch_size, seq = GPT2_SMALL["batch"], GPT2_SMALL["seq"]
+    config = models.ModelConfig(family="gpt2", vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12,
+                                intermediate_size=3072, max_position_embeddings=1024, layer_norm_eps=1e-5,
+                                hidden_dropout=0.1, attention_dropout=0.0, **SETTINGS)
+    model = modeling.ModelSpec(config, "causal_lm", 2).build(0)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, config.vocab_size, (batch_size, seq + 1)).astype(np.int32)
+    batch = {"input_ids": ids[:, :-1], "attention_mask": np.ones((batch_size, seq), np.int32), "labels": ids[:, 1:]}
+    optimizer_cfg = OptimizerConfig(name="adamw", lr=6e-4, b2=0.95, weight_decay=0.1, clip_norm=1.0)
+    row, _ = case_rows(args, peak, "gpt2_small_clm", model, "random", "clm", optimizer_cfg, batch, "")
+    return row
 
 
 def _row(case, config, weights, batch_size, seq, timing, peak) -> dict:
@@ -214,7 +287,9 @@ def _row(case, config, weights, batch_size, seq, timing, peak) -> dict:
             "step_ms": round(step * 1000, 1), "mean_step_ms": round(timing["mean_s"] * 1000, 1),
             "tokens_per_s": round(batch_size * seq / step, 1), "model_gflop_per_step": round(flops / 1e9, 2),
             "mfu": round(flops / step / (peak * 1e9), 4), "compile_s": round(timing["compile_s"], 1),
-            "loss": round(timing["loss"], 4), "dtype": config.dtype, "data": data_settings(RANDOM_IDS, batch_size, seq)}
+            "loss": round(timing["loss"], 4), "dtype": config.dtype,
+            "attention_implementation": config.attention_implementation,
+            "data": data_settings(RANDOM_IDS, batch_size, seq)}
 
 
 def torch_minilm_step(args):
@@ -263,6 +338,86 @@ def torch_nano_step(args):
                   "seq": NANO["seq"]}
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIRST_STEP = re.compile(r"compiled and ran the first step in ([0-9.]+)s")
+
+
+def train_process(overrides: list[str], log_path: str) -> tuple[float, str]:
+    """Runs `python train.py OVERRIDES` as a user would (progress bar off); returns (wall seconds of
+    the whole process, its output). Exits with the log's tail when the run fails."""
+    command = [sys.executable, "train.py", "progress_bar=false", *overrides]
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    with open(log_path) as f:
+        output = f.read()
+    if done.returncode != 0:
+        sys.exit(f"bench: {' '.join(command)} failed (exit {done.returncode}):\n{output[-2000:]}")
+    return wall, output
+
+
+def compile_cache_rows(work: str) -> list[dict]:
+    """For the quickstart and MiniLM SST-2 presets: the first step's time (compilation + one step,
+    as the loop logs it) with an empty persistent compilation cache, then again in a new run
+    directory with the cache the first run filled."""
+    rows = []
+    for experiment, extra in (("quickstart", []), ("minilm_sst2", [])):
+        cache = os.path.join(work, f"cache_{experiment}")
+        times = {}
+        for state_of_cache in ("cold", "warm"):
+            run_dir = os.path.join(work, f"{experiment}_{state_of_cache}")
+            _, output = train_process([f"experiment={experiment}", f"hydra.run.dir={run_dir}", "steps=2",
+                                       "eval_split=null", f"compilation_cache_dir={cache}", *extra],
+                                      os.path.join(work, f"{experiment}_{state_of_cache}.log"))
+            found = FIRST_STEP.search(output)
+            if not found:
+                sys.exit(f"bench: no first-step time in the log of experiment={experiment}")
+            times[state_of_cache] = float(found.group(1))
+        rows.append({"case": f"compile_cache_{experiment}", "first_step_cold_s": times["cold"],
+                     "first_step_warm_s": times["warm"], "warm_over_cold": round(times["warm"] / times["cold"], 3),
+                     "data": data_settings(f"experiment={experiment}, steps=2")})
+    return rows
+
+
+def end_to_end_rows(work: str, steps: int | None = None) -> list[dict]:
+    """`python train.py experiment=minilm_sst2` (with an empty compilation cache, then again in a
+    new run directory with the filled cache) and its Hugging Face Trainer peer
+    (scripts/hf_trainer_sst2.py), one after the other: wall time of the whole process (training,
+    evaluations, checkpoints) and final validation accuracy of each."""
+    budget = [f"steps={steps}", f"schedule.warmup_steps={steps // 8}"] if steps else []
+    cache = os.path.join(work, "cache_e2e")
+    rows = []
+    for state_of_cache in ("cold", "warm"):
+        run_dir = os.path.join(work, f"minilm_sst2_{state_of_cache}")
+        wall, _ = train_process(["experiment=minilm_sst2", f"hydra.run.dir={run_dir}",
+                                 f"compilation_cache_dir={cache}", *budget],
+                                os.path.join(work, f"minilm_sst2_{state_of_cache}.log"))
+        with open(os.path.join(run_dir, "results.json")) as f:
+            results = json.load(f)
+        rows.append({"case": f"sst2_end_to_end_flaxen_{state_of_cache}_cache", "wall_s": round(wall, 1),
+                     "train_s": round(results["train_seconds"], 1), "steps": results["steps"],
+                     "validation_accuracy": results["final_eval"]["accuracy"],
+                     "data": data_settings("SST-2 train.tsv, length-grouped buckets 16/32/64", 32, 64)})
+    out = os.path.join(work, "hf.json")
+    command = [sys.executable, os.path.join(ROOT, "scripts", "hf_trainer_sst2.py"), "--output-dir",
+               os.path.join(work, "hf_trainer"), "--out", out,
+               *([f"--steps={steps}", f"--warmup-steps={steps // 8}"] if steps else [])]
+    start = time.perf_counter()
+    with open(os.path.join(work, "hf_trainer.log"), "w") as log:
+        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"bench: {' '.join(command)} failed (exit {done.returncode}); see {log.name}")
+    with open(out) as f:
+        peer = json.load(f)
+    rows.append({**peer, "wall_s": round(wall, 1), "script_wall_s": peer["wall_s"],
+                 "data": data_settings("SST-2 train.tsv, dynamic padding, group_by_length", 32, 64)})
+    for row in rows[:2]:
+        row["flaxen_speedup"] = round(wall / row["wall_s"], 3)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="peak,minilm,gpt_nano")
@@ -270,13 +425,47 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--torch", action="store_true",
                         help="also time the PyTorch peers: Hugging Face (minilm) and nanoGPT's recipe (gpt_nano)")
+    parser.add_argument("--alone", action="store_true",
+                        help="with --torch: time all of flaxen's steps, then all of PyTorch's (each alone), "
+                             "instead of alternating them")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype of the step cases (parameters stay float32)")
+    parser.add_argument("--attention", choices=("default", "xla", "cudnn"), default="default",
+                        help="jax.nn.dot_product_attention's implementation (cudnn: NVIDIA GPUs, with --dtype bfloat16)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the accelerator's dense peak for --dtype, TFLOP/s, for MFU (default: the table "
+                             "ACCELERATOR_PEAK_TFLOPS by device kind; on CPU the matmul peak measured here)")
+    parser.add_argument("--e2e-steps", type=int, default=None,
+                        help="e2e_sst2: train this many steps instead of the preset's 800 (a quick check)")
     args = parser.parse_args()
     cases = args.cases.split(",")
-    peak = matmul_peak()
-    emit({"case": "host_f32_matmul_peak", "gflops": round(peak, 1), "devices": str(jax.devices()),
-          "cpu_count": os.cpu_count(), "jax": jax.__version__,
+    if "compile_cache" in cases or "e2e_sst2" in cases:
+        work = tempfile.mkdtemp(prefix="flaxen_bench_")
+        if "compile_cache" in cases:
+            for row in compile_cache_rows(work):
+                emit(row)
+        if "e2e_sst2" in cases:
+            for row in end_to_end_rows(work, args.e2e_steps):
+                emit(row)
+        if not {"peak", "minilm", "gpt_nano"} & set(cases):
+            return
+    SETTINGS["dtype"] = args.dtype
+    SETTINGS["attention_implementation"] = None if args.attention == "default" else args.attention
+    accelerator = jax.devices()[0].platform != "cpu"
+    dtype = jnp.dtype(args.dtype)
+    measured = matmul_peak(8192 if accelerator else 2048, dtype=dtype)
+    peak = measured
+    if accelerator:
+        kind = jax.devices()[0].device_kind
+        nominal = args.peak_tflops or next((v[args.dtype] for k, v in ACCELERATOR_PEAK_TFLOPS.items() if k in kind),
+                                           None)
+        peak = nominal * 1000 if nominal else measured
+    elif args.peak_tflops:
+        peak = args.peak_tflops * 1000
+    emit({"case": "host_f32_matmul_peak" if args.dtype == "float32" else "host_bf16_matmul_peak", "gflops": round(measured, 1), "mfu_peak_gflops": round(peak, 1),
+          "devices": str(jax.devices()), "cpu_count": os.cpu_count(), "jax": jax.__version__,
           "date": datetime.datetime.now().isoformat(timespec="seconds"),
-          "data": data_settings("two random normal 2048 x 2048 float32 matrices")})
+          "data": data_settings(f"two random normal square {args.dtype} matrices")})
     if "minilm" in cases:
         row, reference = minilm_case(args, peak, *(torch_minilm_step(args) if args.torch else (None, None)))
         emit(row)
@@ -287,6 +476,8 @@ def main():
         emit(row)
         if reference is not None:
             emit(reference)
+    if "gpt2_small" in cases:
+        emit(gpt2_small_case(args, peak))
 
 
 if __name__ == "__main__":

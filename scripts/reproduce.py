@@ -1,4 +1,4 @@
-"""The results table: pretrain -> fine-tune on SST-2, CoNLL-2003 and SQuAD, one command per row.
+"""The results table: pretrain -> fine-tune on SST-2, CoNLL-2003, SQuAD and Multi30k, one command per row.
 
 Why: the claim flaxen exists to test (pretraining then fine-tuning beats training from scratch,
 and a public checkpoint fine-tuned here reaches published-quality numbers) is only as good as a
@@ -19,7 +19,7 @@ stops at once); delete its directory to start over. Each run directory gets loss
 
 results/<row>.json: metric, splits, per-seed values, mean and standard deviation, wall time, steps,
 tokens/s, parameter count, seed, machine, date, git commit, commands; CoNLL rows add the per-type
-entity table. The README table sits between the `results:begin` / `results:end` markers;
+entity table, translation rows the sacreBLEU signature of each split (`recorded`). The README table sits between the `results:begin` / `results:end` markers;
 results/summary.png shows the same numbers.
 """
 from __future__ import annotations
@@ -44,14 +44,15 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def row(task, metric, splits, seeds=(0,), target=None, needs=(), label="", scale=100.0, metric_label=None,
-        also=(), note=None):
+        also=(), note=None, record=()):
     """One row. `scale`: the factor that shows a metric in the table (100 for fractions; 1 for
-    metrics already in percent, as SQuAD's); `also`: further metrics recorded from the eval files;
-    `note`: what a reader of results/<row>.json must know about the data (kept in the file)."""
+    metrics already in percent, as SQuAD's and BLEU); `also`: further metrics recorded from the eval
+    files; `note`: what a reader of results/<row>.json must know about the data (kept in the file);
+    `record`: non-numeric entries of the eval files kept per split (BLEU's sacreBLEU signature)."""
     metric_label = metric_label or {"accuracy": "accuracy (%)", "f1": "entity F1 (%)", "loss": "MLM loss"}[metric]
     return {"task": task, "metric": metric, "splits": list(splits), "seeds": list(seeds), "target": target,
             "needs": list(needs), "label": label, "scale": scale, "metric_label": metric_label, "also": list(also),
-            "note": note}
+            "note": note, "record": list(record)}
 
 
 # target: (split, minimum) the row must reach, or None (minimum in the metric's own unit)
@@ -89,10 +90,23 @@ ROWS = {
                                    note="The same model, BitFit, steps, batch size, schedule, optimizer and data as "
                                         "minilm_sst2_dp without clipping or noise (shuffled, length-grouped batches); "
                                         "one seed."),
+    "t5_multi30k": row("Multi30k en→de", "bleu", ["test"], target=("test", 25.0), label="t5_tiny, from scratch",
+                       scale=1.0, metric_label="BLEU", also=("rougeL",), record=("bleu_signature",),
+                       note="test = test_2016_flickr (1,000 captions); sacreBLEU corpus BLEU on detokenised text "
+                            "(signature in `recorded`), beam search with 4 beams; rougeL: rouge_score F-measure "
+                            "with stemming, in percent."),
+    "t5_multi30k_span_pretrain": row("Multi30k en+de train text", "loss", ["validation"],
+                                     label="t5_tiny, span-corruption pretraining by flaxen",
+                                     metric_label="span-corruption loss"),
+    "t5_multi30k_span": row("Multi30k en→de", "bleu", ["test"], needs=["t5_multi30k_span_pretrain"],
+                            label="t5_tiny, flaxen span-corruption pretrained, fine-tuned", scale=1.0,
+                            metric_label="BLEU", also=("rougeL",), record=("bleu_signature",),
+                            note="As t5_multi30k, starting from t5_multi30k_span_pretrain's best checkpoint."),
 }
 # pretrained row -> the scratch row it must beat
 COMPARISONS = {"bert_mini_pretrained_sst2": "bert_mini_scratch_sst2",
-               "bert_mini_pretrained_conll2003": "bert_mini_scratch_conll2003"}
+               "bert_mini_pretrained_conll2003": "bert_mini_scratch_conll2003",
+               "t5_multi30k_span": "t5_multi30k"}
 # private row -> its non-private peer on the same budget
 PRIVATE_PEERS = {"minilm_sst2_dp": "minilm_sst2_dp_baseline"}
 
@@ -218,6 +232,8 @@ def seed_record(name: str, seed: int) -> dict:
         record["values"][split] = report["metrics"][spec["metric"]]
         for metric in spec.get("also", []):
             record.setdefault("also", {}).setdefault(metric, {})[split] = report["metrics"][metric]
+        for key in spec.get("record", []):
+            record.setdefault("recorded", {}).setdefault(key, {})[split] = report["metrics"][key]
         record["eval_files"][split] = os.path.relpath(path, ROOT)
         if "report" in report["metrics"] and spec["metric"] == "f1":
             record.setdefault("per_type", {})[split] = report["metrics"]["report"]
@@ -245,7 +261,7 @@ def row_record(name: str, seeds: list[dict], commands: list[str]) -> dict:
     return {"row": name, "task": spec["task"], "label": spec["label"], "note": spec.get("note"), "metric": spec["metric"],
             "splits": spec["splits"], "summary": summary, "also": also, "target": target,
             "seeds": [s["seed"] for s in seeds], "runs": seeds, "commands": commands,
-            "privacy": seeds[0].get("privacy"),
+            "privacy": seeds[0].get("privacy"), "recorded": seeds[0].get("recorded"),
             "wall_seconds_max": max(s["wall_seconds"] for s in seeds), "machine": machine(),
             "date": datetime.date.today().isoformat(), "git_commit": git_commit()}
 
@@ -293,9 +309,9 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {seconds:02d} s"
 
 
-def _gaps(report: dict, other: dict) -> str:
+def _gaps(report: dict, other: dict, scale: float = 100.0) -> str:
     """`report`'s mean minus `other`'s on each of its splits, in points: '+0.12 / -0.34'."""
-    return " / ".join(f"{100 * (report['summary'][s]['mean'] - other['summary'][s]['mean']):+.2f}"
+    return " / ".join(f"{scale * (report['summary'][s]['mean'] - other['summary'][s]['mean']):+.2f}"
                       for s in report["splits"])
 
 
@@ -323,7 +339,7 @@ def table(reports: dict) -> str:
             verdict = "met" if target["met"] else f"missed by {scale * -target['margin']:.2f} pts"
             target_text = f"{target['split']} ≥ {scale * target['minimum']:.0f}: {verdict}"
         elif name in COMPARISONS and COMPARISONS[name] in reports:
-            target_text = f"vs scratch: {_gaps(report, reports[COMPARISONS[name]])} pts"
+            target_text = f"vs scratch: {_gaps(report, reports[COMPARISONS[name]], scale)} pts"
         elif report["runs"][0].get("privacy") is not None:
             private = report["runs"][0]["privacy"]
             target_text = (f"ε {private['epsilon']:.2f} at δ {private['delta']:.2g} (σ {private['noise_multiplier']:.3f}, "

@@ -135,10 +135,17 @@ def in_memory_task_data():
 @pytest.fixture(scope="session", autouse=True)
 def jax_compilation_cache(tmp_path_factory):
     """One persistent XLA compilation cache per test session: a program compiled by one test
-    (a train step, an init) is loaded, not recompiled, by the next test that builds it again."""
+    (a train step, an init) is loaded, not recompiled, by the next test that builds it again.
+    XDG_CACHE_HOME points at the session's directory, so the runs tests start (whose
+    compilation_cache_dir defaults to $XDG_CACHE_HOME/flaxen/jax, flaxen.compilation), in this
+    process or in subprocesses, share that cache and never write to the user's."""
+    import os
+
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    cache_home = tmp_path_factory.mktemp("cache_home")
+    os.environ["XDG_CACHE_HOME"] = str(cache_home)
+    jax.config.update("jax_compilation_cache_dir", str(cache_home / "flaxen" / "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     yield

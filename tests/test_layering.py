@@ -76,7 +76,7 @@ def test_flaxen_data_imports_nothing_above_it():
     assert not offending, "flaxen/data must not import the layers above it:\n" + "\n".join(offending)
 
 
-TASK_NAMES = ("mlm", "clm", "seq_cls", "token_cls", "qa", "causal_lm")
+TASK_NAMES = ("mlm", "clm", "seq_cls", "token_cls", "qa", "seq2seq", "span_corruption", "causal_lm", "seq2seq_lm")
 
 
 def _name_tests(tree: ast.AST):
@@ -104,7 +104,7 @@ def test_no_branching_on_task_names_outside_tasks_and_heads():
     for top in ("flaxen", "models", "scripts"):
         for directory, _, names in os.walk(os.path.join(ROOT, top)):
             files += [os.path.join(directory, f) for f in names if f.endswith(".py")]
-    files += [os.path.join(ROOT, "train.py"), os.path.join(ROOT, "eval.py")]
+    files += [os.path.join(ROOT, name) for name in ("train.py", "eval.py", "generate.py", "predict.py", "export.py")]
     offending = []
     for path in sorted(files):
         relative = os.path.relpath(path, ROOT)

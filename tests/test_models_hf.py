@@ -335,8 +335,8 @@ def test_error_no_config_json(tmp_path):
 
 
 def test_error_unsupported_model_type(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    with pytest.raises(FlaxenError, match=r"model_type='t5' is not supported; supported model types: bert, gpt2"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bart"}))
+    with pytest.raises(FlaxenError, match=r"model_type='bart' is not supported; supported model types: bert, gpt2"):
         models.load_pretrained(tmp_path)
 
 

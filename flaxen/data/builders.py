@@ -1,7 +1,8 @@
 """tfds builders for local files, prepared once as array_record and read with `as_data_source`.
 
-Why: a prepared tfds dataset is versioned, random-access and needs no TensorFlow. Four builders
-cover local files (CoNLL-style tagging, delimited classification, plain-text corpora, SQuAD JSON);
+Why: a prepared tfds dataset is versioned, random-access and needs no TensorFlow. Five builders
+cover local files (CoNLL-style tagging, delimited classification, plain-text corpora, SQuAD JSON,
+parallel sentence pairs);
 catalog names (`glue/sst2`, `conll2003`, `squad/v1.1`, ...) go through tfds's own builders.
 Records, as loaders see them:
 
@@ -11,6 +12,8 @@ Records, as loaders see them:
   text:           {"text": str}   (a chunk of whole lines; chunks concatenate to the split's text)
   qa:             {"id": str, "title": str, "context": str, "question": str, "answer_texts": [str],
                   "answer_starts": [int]}   (one per SQuAD v1.1 question; answers in file order)
+  parallel:       {"source": str, "target": str}   (one per sentence pair: aligned line files
+                  `<split>.<source_language>` / `<split>.<target_language>`, or TSV/CSV/JSONL columns)
 
 Any local dataset can hold out whole groups of records (`data.holdout_*`, e.g. SQuAD articles by
 title) as a new split: `hold_out` runs on the parsed records before the build, and its settings are
@@ -18,10 +21,10 @@ part of the key below, so each choice is its own prepared dataset.
 
 Layout: `<prepared>/<builder>/<name>_<key>/<FORMAT_VERSION>/` where `<prepared>` is `data.prepared_dir`, else
 `<data_dir>/tfds` (a per-user cache when data_dir is read-only) and `<key>` hashes the raw files'
-sha256 and the parsing options, so a changed file is rebuilt into a new directory and the earlier
-one stays intact. Raw files are parsed and checked in full before anything is written; tfds writes
-into an `incomplete.*` directory and renames it only when complete; a file lock keeps concurrent
-runs from building the same dataset twice.
+sha256 (both files of a parallel split) and the parsing options, so a changed file is rebuilt into
+a new directory and the earlier one stays intact. Raw files are parsed and checked in full before
+anything is written; tfds writes into an `incomplete.*` directory and renames it only when
+complete; a file lock keeps concurrent runs from building the same dataset twice.
 
 Integrity: when a dataset is prepared, `flaxen_checksums.json` (written last, beside
 dataset_info.json) records the size and sha256 of each array_record file:
@@ -115,8 +118,14 @@ class FlaxenSquad(_LocalBuilder, skip_registration=True):
     """Extractive question answering: SQuAD v1.1 questions with their context and gold answers."""
 
 
-BUILDERS = {"conll": FlaxenConll, "delimited": FlaxenDelimited, "text": FlaxenText, "squad": FlaxenSquad}
-SCHEMAS = {"conll": "tagging", "delimited": "classification", "text": "text", "squad": "qa"}
+class FlaxenParallel(_LocalBuilder, skip_registration=True):
+    """Sentence pairs (source, target) for sequence-to-sequence tasks such as translation."""
+
+
+BUILDERS = {"conll": FlaxenConll, "delimited": FlaxenDelimited, "text": FlaxenText, "squad": FlaxenSquad,
+            "parallel": FlaxenParallel}
+SCHEMAS = {"conll": "tagging", "delimited": "classification", "text": "text", "squad": "qa",
+           "parallel": "parallel"}
 
 
 # ---------------------------------------------------------------- where prepared data lives
@@ -455,10 +464,12 @@ class PreparedDataset:
     def texts(self, split: str) -> list[str]:
         """The split's text: chunks that concatenate to the corpus (text data), else one string per
         sentence (tagging: words joined by spaces) or per text field (classification); qa: each
-        distinct context, then every question."""
+        distinct context, then every question; parallel: each pair's source, then its target."""
         records = self.records(split)
         if self.schema == "text":
             return [r["text"] for r in records]
+        if self.schema == "parallel":
+            return [t for r in records for t in (r["source"], r["target"])]
         if self.schema == "tagging":
             return [" ".join(r["tokens"]) for r in records]
         if self.schema == SCHEMAS["squad"]:  # qa records
@@ -488,14 +499,28 @@ def _label_names(builder, key: Optional[str]) -> Optional[list[str]]:
 
 # ---------------------------------------------------------------- building local datasets
 
-def _split_files(cfg: DataConfig, data_dir: str) -> dict[str, str]:
-    files = {}
-    for split, relative in cfg.splits.items():
-        path = os.path.join(os.path.expanduser(data_dir), os.path.expanduser(relative))
+def _split_files(cfg: DataConfig, data_dir: str) -> dict:
+    """split -> raw file path; for aligned parallel files split -> (source path, target path)."""
+    def found(key: str, relative: str, suffix: str = "", how: str = "") -> str:
+        path = os.path.join(os.path.expanduser(data_dir), os.path.expanduser(relative)) + suffix
         if not os.path.isfile(path):
-            raise DataError(f"data.splits.{split}: file not found: {path} (data_dir={data_dir!r}; point data_dir, "
-                            f"or FLAXEN_DATA_DIR, at the folder that holds {relative})")
-        files[split] = path
+            raise DataError(f"{key}: file not found: {path} ({how}data_dir={data_dir!r}; point data_dir, "
+                            f"or FLAXEN_DATA_DIR, at the folder that holds {relative}{suffix})")
+        return path
+
+    files = {}
+    aligned = cfg.source == "parallel" and cfg.source_column is None
+    for split, relative in cfg.splits.items():
+        key = f"data.splits.{split}"
+        if not aligned:
+            files[split] = found(key, relative)
+        elif cfg.target_splits:
+            files[split] = (found(key, relative), found(f"data.target_splits.{split}", cfg.target_splits[split]))
+        else:
+            files[split] = tuple(found(key, relative, f".{language}", f"{key}={relative} with data.{side}_language="
+                                       f"{language}; ")
+                                 for side, language in (("source", cfg.source_language),
+                                                        ("target", cfg.target_language)))
     return files
 
 
@@ -511,6 +536,11 @@ def _options(cfg: DataConfig, source: str) -> dict:
                    "label_names": list(cfg.label_names) if cfg.label_names is not None else None}
     elif source == "squad":
         options = {"schema": "qa"}
+    elif source == "parallel":
+        options = {"schema": "parallel"}
+        if cfg.source_column is not None:
+            options.update(format=cfg.format, header=cfg.header, source_column=cfg.source_column,
+                           target_column=cfg.target_column)
     else:
         options = {"validation_fraction": cfg.validation_fraction if "validation" not in cfg.splits else None,
                    "chunk": TEXT_CHUNK_CHARS}
@@ -672,6 +702,30 @@ def _parse_squad(cfg: DataConfig, files: dict[str, str]):
     return parsed, features, None
 
 
+def _parse_parallel(cfg: DataConfig, files: dict):
+    parsed = {}
+    for split, paths in files.items():
+        if cfg.source_column is not None:
+            parsed[split] = raw.parse_parallel_delimited(paths, format=cfg.format, header=cfg.header,
+                                                         source_column=cfg.source_column,
+                                                         target_column=cfg.target_column)
+        else:
+            parsed[split] = raw.parse_parallel_lines(*paths)
+    features = tfds.features.FeaturesDict({"source": tfds.features.Text(), "target": tfds.features.Text()})
+    return parsed, features, None
+
+
+def _file_key(paths) -> list:
+    """[name, sha256] of a split's file; for a parallel split's two files, one such pair each."""
+    if isinstance(paths, (tuple, list)):
+        return [_file_key(path) for path in paths]
+    return [os.path.basename(paths), raw.sha256_file(paths)]
+
+
+def _described(paths) -> str:
+    return " and ".join(paths) if isinstance(paths, (tuple, list)) else str(paths)
+
+
 def _local_source(cfg: DataConfig, data_dir: str, root: str, presets) -> tuple[str, DataConfig, dict[str, str]]:
     """(builder kind, effective config, split -> file) for local and generated data."""
     if cfg.source == "synthetic":
@@ -739,8 +793,7 @@ def prepare(cfg: DataConfig, data_dir: str, presets=None) -> PreparedDataset:
         return _prepare_catalog(cfg, root)
     kind, cfg, files = _local_source(cfg, data_dir, root, presets)
     key_material = {"builder": kind, "format": FORMAT_VERSION, "options": _options(cfg, kind),
-                    "files": {split: [os.path.basename(path), raw.sha256_file(path)]
-                              for split, path in sorted(files.items())}}
+                    "files": {split: _file_key(paths) for split, paths in sorted(files.items())}}
     key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:16]
     builder_cls = BUILDERS[kind]
     config_name = f"{_safe_name(cfg.name)}_{key}"
@@ -757,7 +810,7 @@ def prepare(cfg: DataConfig, data_dir: str, presets=None) -> PreparedDataset:
             builder = tfds.builder_from_directory(version_dir)
     schema = SCHEMAS[kind]
     fields = {"tagging": {"tokens": "tokens", "tags": "tags"}, "text": {"text": "text"},
-              "qa": {k: k for k in QA_FIELDS},
+              "qa": {k: k for k in QA_FIELDS}, "parallel": {"source": "source", "target": "target"},
               "classification": {k: k for k in builder.info.features.keys()}}[schema]
     if schema == "tagging":
         names = list(builder.info.metadata["label_names"])
@@ -789,13 +842,15 @@ def _build(builder_cls, kind: str, cfg: DataConfig, files: dict[str, str], root:
         split_records, features, metadata = _parse_delimited(cfg, files)
     elif kind == "squad":
         split_records, features, metadata = _parse_squad(cfg, files)
+    elif kind == "parallel":
+        split_records, features, metadata = _parse_parallel(cfg, files)
     else:
         split_records, metadata = _parse_text(cfg, files), None
         features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
     if cfg.holdout_groups > 0:
         split_records = hold_out(split_records, key=cfg.holdout_key, groups=cfg.holdout_groups,
                                  source_split=cfg.holdout_from, target_split=cfg.holdout_to, seed=cfg.holdout_seed,
-                                 origin=f"the records of {files.get(cfg.holdout_from, cfg.name)}")
+                                 origin=f"the records of {_described(files.get(cfg.holdout_from, cfg.name))}")
     description = f"flaxen {kind} dataset {cfg.name!r}: " + json.dumps(key_material, sort_keys=True)
     with _absl_quiet():
         builder = builder_cls(features=features, split_records=split_records, description=description,

@@ -15,12 +15,14 @@ from typing import Dict, List, Optional
 
 from flaxen.errors import ConfigError
 
-SOURCES = ("conll", "delimited", "text", "squad", "tfds", "synthetic", "mixture")
+SOURCES = ("conll", "delimited", "text", "squad", "parallel", "tfds", "synthetic", "mixture")
+# sources read from local files named by data.splits
+FILE_SOURCES = ("conll", "delimited", "text", "squad", "parallel")
 # record fields of the qa schema (source=squad; a catalog dataset maps them with data.tfds_features)
 QA_FIELDS = ("id", "title", "context", "question", "answer_texts", "answer_starts")
 FORMATS = ("tsv", "csv", "jsonl")
 TAG_SCHEMES = ("IOB1", "IOB2")
-TOKENIZER_KINDS = ("pretrained", "char", "word", "wordpiece", "bpe")
+TOKENIZER_KINDS = ("pretrained", "char", "word", "wordpiece", "bpe", "sentencepiece_bpe")
 SYNTHETIC_KINDS = ("corpus", "classification")
 
 
@@ -30,13 +32,19 @@ class TokenizerConfig:
 
     kind: `pretrained` (a Hugging Face tokenizer directory at `path`), `char` (one id per character
     of the corpus), `word` (one id per whitespace-separated word of the corpus), `wordpiece` or
-    `bpe` (trained by flaxen on the train split with the `tokenizers` library, `vocab_size` ids).
+    `bpe` (trained by flaxen on the train split with the `tokenizers` library, `vocab_size` ids), or
+    `sentencepiece_bpe` (T5-style, trained by flaxen on the train split's text, source and target
+    alike for parallel data: BPE over SentencePiece's Metaspace pieces, so decoding gives the text
+    back exactly; <pad>=0 </s>=1 <unk>=2, EOS appended to every sequence, and `sentinels` tokens
+    <extra_id_0> ... <extra_id_{sentinels-1}> at the top of the `vocab_size` ids, <extra_id_0> the
+    highest). min_frequency: trained kinds; sentinels: sentencepiece_bpe only.
     """
     kind: str = "pretrained"
     path: Optional[str] = None
     vocab_size: int = 8000
     min_frequency: int = 2
     lowercase: bool = True
+    sentinels: int = 100
 
 
 @dataclass
@@ -71,6 +79,16 @@ class DataConfig:
     text_columns: List[str] = field(default_factory=lambda: ["sentence"])
     label_column: Optional[str] = "label"
     regression: bool = False
+    # source=parallel (translation pairs, records {source, target}): either aligned line files, line i
+    # of one the translation of line i of the other: `<splits.X>.<source_language>` and
+    # `<splits.X>.<target_language>` (e.g. splits.train=multi30k/train, en, de), or `splits.X` itself
+    # the source file and `target_splits.X` the target file; or, with source_column and target_column
+    # set, one TSV/CSV/JSONL file per split (data.format, data.header) holding both columns
+    source_language: Optional[str] = None
+    target_language: Optional[str] = None
+    target_splits: Dict[str, str] = field(default_factory=dict)
+    source_column: Optional[str] = None
+    target_column: Optional[str] = None
     # source=conll (column indices may be negative, counted from the end)
     token_column: int = 0
     tag_column: int = -1
@@ -97,6 +115,13 @@ class DataConfig:
     # mlm / clm: tokens per row
     window_length: int = 64
     mlm_probability: float = 0.15
+    # sequence-to-sequence: target rows longer than max_target_length tokens (with EOS) are truncated
+    # (source rows: max_length)
+    max_target_length: int = 128
+    # span corruption (T5): fraction of tokens noised and mean length of a noise span
+    # (flaxen.data.span_corruption)
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
     # qa (source=squad): a context longer than max_length is cut into overlapping windows that share
     # doc_stride tokens (Hugging Face's `stride`; run_qa.py's --doc_stride)
     doc_stride: int = 128
@@ -135,11 +160,13 @@ def check_config(cfg: DataConfig, task=None) -> None:
             raise ConfigError(f"data.tfds_features={dict(cfg.tfds_features)}: expected keys {{text}}, {{text, label}}, "
                               "{text, text_pair, label}, {tokens, tags} or {" + ", ".join(QA_FIELDS) + "}, each "
                               "mapped to a catalog feature name (nested ones as answers/text)")
-    if cfg.source in ("conll", "delimited", "text", "squad") and not cfg.splits:
+    if cfg.source in FILE_SOURCES and not cfg.splits:
         raise ConfigError(f"data.splits is empty: data.source={cfg.source} needs split -> file entries, "
                           "e.g. {train: sst2/train.tsv, validation: sst2/dev.tsv}")
-    if cfg.source in ("conll", "delimited", "text", "squad") and "train" not in cfg.splits:
+    if cfg.source in FILE_SOURCES and "train" not in cfg.splits:
         raise ConfigError(f"data.splits has no 'train' entry (has {sorted(cfg.splits)})")
+    if cfg.source == "parallel":
+        _check_parallel(cfg)
     if cfg.source == "delimited":
         _choice("format", cfg.format, FORMATS)
         if not 1 <= len(cfg.text_columns) <= 2:
@@ -182,6 +209,18 @@ def check_config(cfg: DataConfig, task=None) -> None:
         raise ConfigError(f"data.label_names={list(cfg.label_names)} has duplicates")
     if cfg.tokenizer.kind in ("wordpiece", "bpe") and cfg.tokenizer.vocab_size < 64:
         raise ConfigError(f"data.tokenizer.vocab_size={cfg.tokenizer.vocab_size}: expected at least 64")
+    if cfg.tokenizer.sentinels < 0:
+        raise ConfigError(f"data.tokenizer.sentinels={cfg.tokenizer.sentinels}: expected 0 or more")
+    if cfg.tokenizer.kind == "sentencepiece_bpe" and cfg.tokenizer.vocab_size < 64 + cfg.tokenizer.sentinels:
+        raise ConfigError(f"data.tokenizer.vocab_size={cfg.tokenizer.vocab_size}: expected at least 64 ids beside "
+                          f"the {cfg.tokenizer.sentinels} sentinels (data.tokenizer.sentinels), i.e. at least "
+                          f"{64 + cfg.tokenizer.sentinels}")
+    if cfg.max_target_length < 2:
+        raise ConfigError(f"data.max_target_length={cfg.max_target_length}: expected at least 2 (a token and EOS)")
+    if not 0.0 < cfg.noise_density < 1.0:
+        raise ConfigError(f"data.noise_density={cfg.noise_density}: expected a fraction in (0, 1)")
+    if not cfg.mean_noise_span_length >= 1.0:
+        raise ConfigError(f"data.mean_noise_span_length={cfg.mean_noise_span_length}: expected at least 1 token")
     if cfg.length_grouping < 0:
         raise ConfigError(f"data.length_grouping={cfg.length_grouping}: expected 0 (off) or a number of batches")
     if cfg.loader_threads < 0:
@@ -191,6 +230,38 @@ def check_config(cfg: DataConfig, task=None) -> None:
         raise ConfigError(f"data.doc_stride={cfg.doc_stride}: expected 0 or more tokens shared by consecutive "
                           "windows")
     _check_holdout(cfg)
+
+
+def _check_parallel(cfg: DataConfig) -> None:
+    """How data.source=parallel finds its two texts (see DataConfig)."""
+    columns = (cfg.source_column, cfg.target_column)
+    if any(c is not None for c in columns):
+        if None in columns:
+            missing = "source_column" if cfg.source_column is None else "target_column"
+            raise ConfigError(f"data.{missing} is not set: a delimited parallel file needs both data.source_column "
+                              "and data.target_column")
+        if cfg.source_column == cfg.target_column:
+            raise ConfigError(f"data.source_column and data.target_column are both {cfg.source_column!r}: expected "
+                              "two columns")
+        _choice("format", cfg.format, FORMATS)
+        if cfg.target_splits:
+            raise ConfigError("data.target_splits is set beside data.source_column/target_column: a delimited "
+                              "parallel split is one file holding both columns; unset one of them")
+        return
+    if cfg.target_splits:
+        if set(cfg.target_splits) != set(cfg.splits):
+            raise ConfigError(f"data.target_splits names splits {sorted(cfg.target_splits)} but data.splits names "
+                              f"{sorted(cfg.splits)}: every split needs its source file (data.splits) and its target "
+                              "file (data.target_splits)")
+        return
+    for key in ("source_language", "target_language"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"data.{key} is not set: data.source=parallel reads <data.splits.X>.<source_language> "
+                              "and <data.splits.X>.<target_language> (e.g. en and de), or data.target_splits, or "
+                              "one delimited file per split with data.source_column and data.target_column")
+    if cfg.source_language == cfg.target_language:
+        raise ConfigError(f"data.source_language and data.target_language are both {cfg.source_language!r}: "
+                          "expected two file suffixes")
 
 
 def _check_holdout(cfg: DataConfig) -> None:

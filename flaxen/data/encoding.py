@@ -9,6 +9,8 @@ Rows (unpadded, int32 arrays of one length T'):
   token_cls  input_ids, token_type_ids, labels [T'] (-100 but on each word's first sub-token), word_count
   mlm        input_ids (masked), token_type_ids, labels [T'] (-100 but at masked positions)
   clm        input_ids, labels [T'] (the next token)
+  seq2seq    input_ids [S'] (source ids + EOS), labels [T'] (target ids + EOS); span corruption's
+             (inputs, targets) of flaxen.data.span_corruption make the same rows
 `collate` pads rows to the smallest bucket length >= the longest row and to `batch_size` rows,
 adds attention_mask and `valid`, and returns the batch contract of flaxen's training loop; each
 task (flaxen/tasks/) names the fields its rows carry.
@@ -20,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from flaxen.data.tokenizers import Template, Tokenizer
+from flaxen.errors import ConfigError
 
 IGNORE_INDEX = -100
 
@@ -177,6 +180,64 @@ def clm_row(stream: np.ndarray, start: int, length: int) -> dict:
     labels = np.full(len(inputs), IGNORE_INDEX, np.int32)
     labels[:len(targets)] = targets
     return {"input_ids": inputs.astype(np.int32), "labels": labels}
+
+
+def with_eos(tokenizer: Tokenizer, ids: Sequence[int], max_length: int) -> np.ndarray:
+    """int32 [min(len(ids) + 1, max_length)]: `ids` cut to max_length - 1, then the EOS id."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no end-of-sequence token to close a sequence with (data.tokenizer: "
+                          "use kind sentencepiece_bpe, or a pretrained tokenizer with an eos token)")
+    return np.asarray(list(ids[:max(max_length - 1, 0)]) + [tokenizer.eos_token_id], np.int32)
+
+
+def seq2seq_row(tokenizer: Tokenizer, record: dict, max_length: int, max_target_length: int) -> dict:
+    """{input_ids: source ids + EOS (at most max_length), labels: target ids + EOS (at most
+    max_target_length)} of a {source, target} record; the EOS stays when the text is cut."""
+    return {"input_ids": with_eos(tokenizer, tokenizer.encode(record["source"]), max_length),
+            "labels": with_eos(tokenizer, tokenizer.encode(record["target"]), max_target_length)}
+
+
+def shift_right(labels: np.ndarray, start_id: int) -> np.ndarray:
+    """Decoder inputs for teacher forcing: `start_id` then labels[..., :-1], IGNORE_INDEX read as
+    `start_id` (T5 starts decoding from the pad id)."""
+    shifted = np.full_like(labels, start_id)
+    shifted[..., 1:] = labels[..., :-1]
+    return np.where(shifted == IGNORE_INDEX, start_id, shifted).astype(labels.dtype)
+
+
+def collate_seq2seq(rows: Sequence, batch_size: int, buckets: Sequence[int], target_buckets: Sequence[int],
+                    pad_id: int) -> dict:
+    """Rows with input_ids [S'] and labels [T'] -> a batch: input_ids / attention_mask [batch, S]
+    and labels [batch, T] (IGNORE_INDEX past each target), decoder_input_ids (labels shifted right,
+    starting from `pad_id`, T5's decoder start) / decoder_attention_mask [batch, T], valid [batch].
+    S and T are the smallest bucket lengths of `buckets` and `target_buckets` that fit the longest
+    source and target: give one length each for static shapes (span corruption)."""
+    real = [row for row in rows if row is not PADDING]
+
+    def fit(key, choices):
+        longest = max((len(row[key]) for row in real), default=1)
+        length = next((b for b in choices if b >= longest), None)
+        if length is None:
+            raise ValueError(f"a row's {key} of {longest} tokens exceeds the largest bucket length {choices[-1]}")
+        return length
+
+    source_length, target_length = fit("input_ids", buckets), fit("labels", target_buckets)
+    batch = {"input_ids": np.full((batch_size, source_length), pad_id, np.int32),
+             "attention_mask": np.zeros((batch_size, source_length), np.int32),
+             "labels": np.full((batch_size, target_length), IGNORE_INDEX, np.int32),
+             "decoder_attention_mask": np.zeros((batch_size, target_length), np.int32),
+             "valid": np.zeros(batch_size, np.int32)}
+    for index, row in enumerate(rows):
+        if row is PADDING:
+            continue
+        n, m = len(row["input_ids"]), len(row["labels"])
+        batch["input_ids"][index, :n] = row["input_ids"]
+        batch["attention_mask"][index, :n] = 1
+        batch["labels"][index, :m] = row["labels"]
+        batch["decoder_attention_mask"][index, :m] = 1
+        batch["valid"][index] = 1
+    batch["decoder_input_ids"] = shift_right(batch["labels"], pad_id)
+    return batch
 
 
 class Padding:

@@ -242,6 +242,8 @@ class TaskData:
             return self._cache.setdefault(key, value)
 
     def records(self, split: str) -> list[dict]:
+        """Every record of `split` in stored order (schemas in flaxen.data.builders; parallel data:
+        {"source": str, "target": str})."""
         return self.prepared.records(split)
 
     def num_records(self, split: str) -> int:
@@ -254,7 +256,8 @@ class TaskData:
 
     def texts(self, split: str) -> list[str]:
         """The split's text: chunks that concatenate to the corpus (text data), else one string per
-        sentence (tagging: words joined by spaces) or per text field (classification)."""
+        sentence (tagging: words joined by spaces), per text field (classification) or per side of
+        a sentence pair (parallel: source, target, source, target, ...)."""
         return record_texts(self.prepared, split)
 
     def sentences(self, split: str) -> list[str]:
@@ -350,11 +353,15 @@ def _tokenizer(cfg: DataConfig, task: Any, prepared: builders.PreparedDataset, d
         if cfg.source == "synthetic":
             return tokenization.word_tokenizer([" ".join(synthetic.vocabulary())])
         return tokenization.word_tokenizer(all_texts())
+    # named after the prepared dataset, whose name holds the raw files' checksums: changed train
+    # files give a new dataset and a newly trained vocabulary
+    sentinels = spec.sentinels if spec.kind == "sentencepiece_bpe" else 0
     directory = os.path.join(builders.prepared_root(cfg, data_dir), "tokenizers",
                              f"{os.path.basename(os.path.dirname(prepared.path))}_{spec.kind}_{spec.vocab_size}"
-                             f"_min{spec.min_frequency}_{'lower' if spec.lowercase else 'cased'}")
+                             f"_min{spec.min_frequency}_{'lower' if spec.lowercase else 'cased'}"
+                             + (f"_sentinels{sentinels}" if sentinels else ""))
     return tokenization.cached_trained_tokenizer(directory, spec.kind, lambda: record_texts(prepared, "train"),
-                                                 spec.vocab_size, spec.min_frequency, spec.lowercase)
+                                                 spec.vocab_size, spec.min_frequency, spec.lowercase, sentinels)
 
 
 def load_task_data(cfg: Any, task: Any, data_dir: Optional[str] = None,

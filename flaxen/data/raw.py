@@ -9,6 +9,8 @@ whole split in memory (the largest, SST-2's train.tsv, is 4 MB) and return plain
   text:           one str, the whole file
   qa:             {"id": str, "title": str, "context": str, "question": str, "answer_texts": [str, ...],
                    "answer_starts": [int, ...]}  one per question of a SQuAD v1.1 JSON file
+  parallel:       {"source": str, "target": str}  one per sentence pair (aligned line files, or a
+                   TSV/CSV/JSONL row); texts are kept exactly as written (no stripping)
 
 Labels stay strings here; the builder turns them into ids once the label set is known.
 """
@@ -124,11 +126,9 @@ def _column_index(path: str, key: str, column: str, header: Optional[list[str]])
     raise DataError(f"{path}:1: data.{key} names column {column!r}, not in the header {header}")
 
 
-def parse_delimited(path: str, *, format: str, header: bool, text_columns: list[str],
-                    label_column: Optional[str], regression: bool,
-                    allowed: Optional[Collection[str]] = None, allowed_origin: str = "data.label_names") -> list[dict]:
-    """Rows of a TSV (tab-separated, no quoting, as GLUE ships), CSV (RFC 4180 quoting) or JSONL file.
-    Columns are header names (TSV/CSV with a header, JSONL keys) or 0-based indices."""
+def _delimited_rows(path: str, format: str, header: bool) -> tuple[list, Optional[list[str]]]:
+    """([(line number, row), ...], header fields or None) of a TSV, CSV or JSONL file: rows are
+    field lists (TSV/CSV, all as wide as the header or the first row) or dicts (JSONL)."""
     text = read_text(path, f"{format.upper()} file")
     rows = []
     if format == "jsonl":
@@ -170,6 +170,15 @@ def parse_delimited(path: str, *, format: str, header: bool, text_columns: list[
         rows = records
     if not rows:
         raise DataError(f"{path}: no rows found (an empty split)")
+    return rows, keys
+
+
+def parse_delimited(path: str, *, format: str, header: bool, text_columns: list[str],
+                    label_column: Optional[str], regression: bool,
+                    allowed: Optional[Collection[str]] = None, allowed_origin: str = "data.label_names") -> list[dict]:
+    """Rows of a TSV (tab-separated, no quoting, as GLUE ships), CSV (RFC 4180 quoting) or JSONL file.
+    Columns are header names (TSV/CSV with a header, JSONL keys) or 0-based indices."""
+    rows, keys = _delimited_rows(path, format, header)
     if format == "jsonl":
         def get(number, row, key, column):
             if column not in row:
@@ -291,3 +300,62 @@ def sorted_labels(values: Collection[str]) -> list[str]:
     if all(v.lstrip("-").isdigit() for v in values):
         return sorted(values, key=int)
     return sorted(values)
+
+
+def _sentence_lines(path: str, what: str) -> list[str]:
+    """The lines of a one-sentence-per-line file; DataError naming the file and line of a blank one."""
+    text = read_text(path, what)
+    lines = []
+    for number, line in _lines(text):
+        if not line.strip():
+            raise DataError(f"{path}:{number}: empty line ({what}: one sentence per line, every line paired with "
+                            "the same line of the other language's file)")
+        lines.append(line)
+    return lines
+
+
+def parse_parallel_lines(source_path: str, target_path: str) -> list[dict]:
+    """Sentence pairs of two aligned files: line i of `source_path` and line i of `target_path`.
+    Both must have the same number of lines and no blank line."""
+    sources = _sentence_lines(source_path, "parallel source file")
+    targets = _sentence_lines(target_path, "parallel target file")
+    if len(sources) != len(targets):
+        raise DataError(f"parallel files differ in length: {source_path} has {len(sources):,} lines but "
+                        f"{target_path} has {len(targets):,}; line i of one must be the translation of line i of "
+                        "the other")
+    if not sources:
+        raise DataError(f"{source_path}: no lines found (an empty split)")
+    return [{"source": s, "target": t} for s, t in zip(sources, targets)]
+
+
+def parse_parallel_delimited(path: str, *, format: str, header: bool, source_column: str,
+                             target_column: str) -> list[dict]:
+    """Sentence pairs from the rows of a TSV, CSV or JSONL file: columns (header names, JSONL keys or
+    0-based indices) `source_column` and `target_column`, neither empty in any row."""
+    rows, keys = _delimited_rows(path, format, header)
+    columns = {"source": ("source_column", source_column), "target": ("target_column", target_column)}
+    if format != "jsonl":
+        width = len(rows[0][1])
+        indices = {}
+        for side, (key, column) in columns.items():
+            index = indices[side] = _column_index(path, key, column, keys)
+            if not -width <= index < width:
+                raise DataError(f"{path}: data.{key}={column!r} is out of range: rows have {width} fields")
+    out = []
+    for number, row in rows:
+        record = {}
+        for side, (key, column) in columns.items():
+            if format == "jsonl":
+                if column not in row:
+                    raise DataError(f"{path}:{number}: no key {column!r} (data.{key}); keys are {sorted(row)}")
+                value = row[column]
+                if not isinstance(value, str):
+                    raise DataError(f"{path}:{number}: key {column!r} (data.{key}) holds a {type(value).__name__}, "
+                                    "expected a string")
+            else:
+                value = row[indices[side]]
+            if not value.strip():
+                raise DataError(f"{path}:{number}: empty {side} text in column {column!r} (data.{key})")
+            record[side] = value
+        out.append(record)
+    return out

@@ -1,5 +1,5 @@
 """Tokenizers: Hugging Face fast tokenizers from a directory, char/word vocabularies built from the
-corpus, and WordPiece/BPE vocabularies trained on it, all behind one class.
+corpus, and WordPiece/BPE/SentencePiece-style vocabularies trained on it, all behind one class.
 
 Why one class: every kind is a `tokenizers.Tokenizer` (char and word kinds are WordLevel models),
 so each saves as a Hugging Face tokenizer directory (`tokenizer.json` + special-token files) that
@@ -23,6 +23,19 @@ then fixed. The trained tokenizer is rebuilt with only the real special tokens a
 (the "##c" stay ordinary vocabulary entries). Byte-level BPE adds no tokens of its own (its
 256-byte alphabet is sorted) and was already deterministic. Trained tokenizers are cached in
 directories whose names end with `TRAINER_REVISION`, so vocabularies trained the old way are not reused.
+
+T5-style vocabularies (`sentencepiece_bpe`, for sequence-to-sequence and span-corruption tasks):
+SentencePiece's conventions with a `tokenizers` BPE model. Text is cut at spaces into pieces that
+carry a leading "▁" (the Metaspace pre-tokenizer; a "▁" is put before the first word), so decoding
+puts back every space and character: the round trip is exact for any text whose characters occur
+in the training text and that does not start with whitespace (SentencePiece drops that too); an
+unseen character becomes <unk>. Ids: <pad>=0, </s>=1 (EOS, appended to every sequence by the
+post-processor), <unk>=2, the trained pieces, then `sentinels` added tokens <extra_id_{N-1}> ...
+<extra_id_0>, so <extra_id_0> is the highest id (T5's convention; `Tokenizer.sentinel_ids`).
+Why BPE and not SentencePiece's Unigram model: the `tokenizers` Unigram trainer sums its piece
+scores in Rust HashMap order, which is seeded at random in every process, so the same files gave
+different ids in two processes (with one thread too); its BPE trainer fixes every id (alphabet by
+code point, merges by count then pair id), so the same files give the same vocabulary, file for file.
 """
 from __future__ import annotations
 
@@ -30,6 +43,7 @@ import json
 import os
 import shutil
 import tempfile
+import re
 from typing import Iterable, Optional, Sequence
 
 import tokenizers as hf_tokenizers
@@ -41,6 +55,9 @@ ROLES = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
 WORD_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 BPE_SPECIALS = {"pad": "<pad>", "unk": "<unk>", "cls": "<s>", "sep": "</s>", "mask": "<mask>", "bos": "<s>",
                 "eos": "</s>"}
+T5_SPECIALS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
+SENTINEL = "<extra_id_{}>"
+_SENTINEL_PATTERN = re.compile(r"<extra_id_(\d+)>")
 TRAINER_REVISION = "det1"  # part of cached tokenizer directory names; change when training output changes
 
 
@@ -61,7 +78,9 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids of its special tokens and its special-token templates.
 
     vocab_size: number of ids; pad_token_id: int (0 when the vocabulary has no pad token: padded
-    positions are always masked out); mask/cls/sep/unk/bos/eos_token_id: int or None.
+    positions are always masked out); mask/cls/sep/unk/bos/eos_token_id: int or None;
+    sentinel_ids: the ids of <extra_id_0>, <extra_id_1>, ... in that order (T5's span-corruption
+    sentinels; [] when the vocabulary has none).
     """
 
     def __init__(self, backend: hf_tokenizers.Tokenizer, special_tokens: dict[str, str], kind: str = "pretrained",
@@ -86,6 +105,7 @@ class Tokenizer:
         self.eos_token_id = ids.get("eos")
         added = {token.content for token in backend.get_added_tokens_decoder().values() if token.special}
         self.special_ids = frozenset(ids.values()) | frozenset(backend.token_to_id(t) for t in added)
+        self.sentinel_ids = _sentinel_ids(backend)
         self._char_table = None
         if kind == "char":
             self._char_table = {token: i for token, i in backend.get_vocab().items() if i not in self.special_ids}
@@ -164,6 +184,8 @@ class Tokenizer:
         os.makedirs(directory, exist_ok=True)
         self.backend.save(os.path.join(directory, "tokenizer.json"))
         mapping = {f"{role}_token": token for role, token in self.special_tokens.items()}
+        if self.sentinel_ids:
+            mapping["additional_special_tokens"] = [self.id_to_token(i) for i in self.sentinel_ids]
         with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
             json.dump(mapping, f, indent=2)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "flaxen_kind": self.kind, **mapping}
@@ -171,6 +193,19 @@ class Tokenizer:
             config["model_max_length"] = self.model_max_length
         with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
             json.dump(config, f, indent=2)
+
+
+def _sentinel_ids(backend: hf_tokenizers.Tokenizer) -> list[int]:
+    """Ids of <extra_id_0>, <extra_id_1>, ... (as far as they run without a gap) in `backend`."""
+    found = {}
+    for token, index in backend.get_vocab(with_added_tokens=True).items():
+        match = _SENTINEL_PATTERN.fullmatch(token)
+        if match:
+            found[int(match.group(1))] = index
+    ids = []
+    while len(ids) in found:
+        ids.append(found[len(ids)])
+    return ids
 
 
 # ---------------------------------------------------------------- loading
@@ -260,10 +295,14 @@ def word_tokenizer(texts: Iterable[str]) -> Tokenizer:
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
-                    lowercase: bool = True) -> Tokenizer:
-    """A WordPiece (BERT-style: normalizer, [CLS] A [SEP] template) or byte-level BPE (GPT-2-style,
-    <s> A </s> template) vocabulary of `vocab_size` ids trained on `texts` with `tokenizers`."""
+                    lowercase: bool = True, sentinels: int = 0) -> Tokenizer:
+    """A WordPiece (BERT-style: normalizer, [CLS] A [SEP] template), byte-level BPE (GPT-2-style,
+    <s> A </s> template) or SentencePiece-style BPE (T5-style, `sentencepiece_bpe`: A </s>, with
+    `sentinels` sentinel tokens at the top; see the module docstring) vocabulary of `vocab_size` ids
+    trained on `texts` with `tokenizers`."""
     texts = texts if isinstance(texts, (list, tuple)) else list(texts)
+    if kind == "sentencepiece_bpe":
+        return _train_sentencepiece_bpe(texts, vocab_size, min_frequency, lowercase, sentinels)
     continuation = []
     if kind == "wordpiece":
         specials = dict(WORD_SPECIALS)
@@ -285,7 +324,7 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, min_freque
                                       special_tokens=list(dict.fromkeys(specials.values())),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     else:
-        raise ConfigError(f"data.tokenizer.kind={kind!r}: only wordpiece and bpe are trained")
+        raise ConfigError(f"data.tokenizer.kind={kind!r}: only wordpiece, bpe and sentencepiece_bpe are trained")
     backend.train_from_iterator(texts, trainer=trainer)
     if continuation:
         backend = _without_added(backend, list(specials.values()))
@@ -294,6 +333,30 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, min_freque
         single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
         special_tokens=[(cls, backend.token_to_id(cls)), (sep, backend.token_to_id(sep))])
     return Tokenizer(backend, specials, kind=kind)
+
+
+def _train_sentencepiece_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int, lowercase: bool,
+                             sentinels: int) -> Tokenizer:
+    """T5-style vocabulary: <pad> </s> <unk>, BPE pieces over Metaspace words, then the sentinels
+    (<extra_id_0> the highest id); every sequence gets </s> appended."""
+    if vocab_size - sentinels < 64:
+        raise ConfigError(f"data.tokenizer.vocab_size={vocab_size} leaves {vocab_size - sentinels} ids beside "
+                          f"{sentinels} sentinels (data.tokenizer.sentinels); expected at least 64")
+    backend = hf_tokenizers.Tokenizer(models.BPE(unk_token=T5_SPECIALS["unk"]))
+    backend.normalizer = normalizers.Lowercase() if lowercase else None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - sentinels, min_frequency=min_frequency,
+                                  special_tokens=[T5_SPECIALS[role] for role in ("pad", "eos", "unk")],
+                                  show_progress=False)
+    backend.train_from_iterator(texts, trainer=trainer)
+    if backend.get_vocab_size() <= len(T5_SPECIALS):
+        raise DataError("the train split has no text to train a sentencepiece_bpe vocabulary on")
+    backend.add_special_tokens([SENTINEL.format(i) for i in reversed(range(sentinels))])
+    eos = T5_SPECIALS["eos"]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, backend.token_to_id(eos))])
+    return Tokenizer(backend, dict(T5_SPECIALS), kind="sentencepiece_bpe")
 
 
 def _continuation_chars(backend: hf_tokenizers.Tokenizer, texts: Sequence[str]) -> list[str]:
@@ -319,13 +382,13 @@ def _without_added(trained: hf_tokenizers.Tokenizer, specials: list[str]) -> hf_
 
 
 def cached_trained_tokenizer(directory: str, kind: str, texts_fn, vocab_size: int, min_frequency: int,
-                             lowercase: bool) -> Tokenizer:
+                             lowercase: bool, sentinels: int = 0) -> Tokenizer:
     """`train_tokenizer` once into `<directory>_<TRAINER_REVISION>` (written to a temporary folder,
     then renamed), then reused."""
     directory = f"{directory.rstrip(os.sep)}_{TRAINER_REVISION}"
     if os.path.isfile(os.path.join(directory, "tokenizer.json")):
         return load_tokenizer(directory)
-    tokenizer = train_tokenizer(kind, texts_fn(), vocab_size, min_frequency, lowercase)
+    tokenizer = train_tokenizer(kind, texts_fn(), vocab_size, min_frequency, lowercase, sentinels)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     temporary = tempfile.mkdtemp(prefix=".incomplete-", dir=parent)

@@ -6,7 +6,9 @@ registered with `@register`), a head in models/heads.py if it needs a new one, a
 YAML and its tests. See docs/adding_a_task.md.
 
 A Task is stateless (its settings come from the config each call receives), so one instance per
-name serves every run. Its methods fall in three groups:
+name serves every run; a task whose rows, loss or head depend on its settings or on the model
+(seq2seq, span_corruption) is bound to a run by `for_run(cfg)` (`bind`: a copy holding them).
+Its methods fall in three groups:
 
 Data (host, numpy; `data` is a flaxen.data TaskData: `data.cfg` the DataConfig, `data.tokenizer`,
 `data.records(split)`, `data.cached(key, fn)`):
@@ -20,6 +22,7 @@ Data (host, numpy; `data` is a flaxen.data TaskData: `data.cfg` the DataConfig, 
 
 Device (traced inside the jitted steps; `output` is the models.ModelOutput):
     model_inputs(batch), loss_weight(batch), loss_terms(output, batch), eval_outputs(output, batch)
+    eval_generator(model, data, task_cfg, training)   None, or what evaluation generates per batch
 
 Host (evaluation, after the device outputs are gathered):
     host_fields(batch)                  what of each host batch evaluation keeps
@@ -33,6 +36,11 @@ Prediction (predict.py through flaxen.predict; `run` is flaxen.inference's Train
     prediction_outputs(output, batch, options)   what leaves the device (traced)
     format_predictions(records, rows, outputs, run, options) -> one JSON-ready dict per record
     hf_pipeline                         the transformers pipeline of the exported model (export.py)
+
+Generation (generate.py through flaxen.generate; seq2seq and clm):
+    can_generate(spec)                  whether a run of this task generates text
+    generation_rows(records, run, settings, truncate)   input texts -> prompt ids as training encodes them
+    generate_batch(model, tokenizer, cfg, rows, batch_size, settings, call) -> one decoded text per row
 
 Explanation (one example, host; flaxen.attribution and scripts/explain.py):
     explain_row(tokenizer, data_cfg, text, text_pair, context)  one raw input -> a row, as training encodes it
@@ -88,6 +96,37 @@ def get(name: Any) -> "Task":
     return _REGISTRY[name]
 
 
+def generating_names() -> list[str]:
+    """The registered tasks that generate text (generate.py serves them)."""
+    return [name for name, task in _REGISTRY.items() if type(task).can_generate is not Task.can_generate]
+
+
+def for_run(cfg: Any) -> "Task":
+    """The Task of a run's TrainConfig as that run uses it: `get(cfg.task.name).bind(cfg)`."""
+    return get(cfg.task.name).bind(cfg)
+
+
+def model_family(cfg: Any) -> str:
+    """The model family a run's config builds (models.FAMILIES): model.family, or for
+    model.pretrained=PATH the family of PATH's config.json model_type."""
+    pretrained = cfg.model.get("pretrained") if hasattr(cfg.model, "get") else getattr(cfg.model, "pretrained", None)
+    if pretrained:
+        import json
+        import os
+
+        from models import hf
+
+        path = os.path.join(os.path.expanduser(str(pretrained)), "config.json")
+        try:
+            with open(path) as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError):
+            model_type = None
+        if model_type in hf.MODEL_TYPES:
+            return hf.MODEL_TYPES[model_type].family
+    return str(cfg.model.family)
+
+
 class Task:
     """The base: defaults shared by most tasks. Subclasses set the class attributes below."""
 
@@ -111,6 +150,12 @@ class Task:
     example_rows: bool = False
 
     # ------------------------------------------------------------------ config
+
+    def bind(self, cfg: Any) -> "Task":
+        """This task as the run of TrainConfig `cfg` uses it (`for_run`). A task whose rows, loss or
+        head depend on its settings or on the model (seq2seq, span_corruption) returns a copy that
+        holds them; the others return themselves, one instance serving every run."""
+        return self
 
     def check_config(self, cfg: Any) -> None:
         """Raises ConfigError for task settings of a TrainConfig that cannot work (beyond types)."""
@@ -193,6 +238,13 @@ class Task:
         loss_sum, weight = self.loss_terms(output, batch)
         return {"loss_sum": loss_sum, "weight": weight}
 
+    def eval_generator(self, model: Any, data: Any, task_cfg: Any = None, training: bool = False):
+        """None, or host batch -> {name: numpy [batch, ...]}: what evaluation needs of the whole
+        model beyond one forward pass (generated tokens), added to each batch's `host_fields`.
+        `model`: the models.Model with the evaluated weights; `training`: an evaluation inside
+        train.py (rather than eval.py's)."""
+        return None
+
     # ------------------------------------------------------------------ host (evaluation)
 
     def host_fields(self, batch: dict) -> dict:
@@ -262,6 +314,25 @@ class Task:
                            options: Any) -> list[dict]:
         """One JSON-ready dict per record; outputs[i] holds row i's slice of each prediction output."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ generation (generate.py, flaxen.generate)
+
+    def can_generate(self, spec: Any) -> bool:
+        """Whether a run of this task with model `spec` (flaxen.modeling.ModelSpec) generates text."""
+        return False
+
+    def generation_rows(self, records: list[dict], run: Any, settings: Any, truncate: bool) -> list[list[int]]:
+        """The prompt ids of each record ({"where", "text"}) as training encodes an input; DataError
+        naming its `where` when it is over the run's length limit and `truncate` is false.
+        `settings`: flaxen.generate.GenerationConfig."""
+        raise ConfigError(f"task {self.name} does not generate text; tasks that do: {', '.join(generating_names())}")
+
+    def generate_batch(self, model: Any, tokenizer: Any, cfg: Any, rows: Sequence[Sequence[int]], batch_size: int,
+                       settings: Any, call: int = 0) -> list[str]:
+        """The generated text of each row (prompt ids from `generation_rows`), decoded up to eos;
+        the batch is filled up to `batch_size` rows so its shapes repeat. `call` numbers the
+        batches (sampling folds it into the key)."""
+        raise ConfigError(f"task {self.name} does not generate text; tasks that do: {', '.join(generating_names())}")
 
     # ------------------------------------------------------------------ explanation (host, one example)
 

@@ -181,3 +181,28 @@ class CausalLanguageModel(LanguageModelTask):
                 ids = ids[:ids.index(eos)]
             out.append({"prompt": record["text"], "completion": tokenizer.decode(ids)})
         return out
+
+    # ------------------------------------------------------------------ generation (generate.py)
+
+    def can_generate(self, spec) -> bool:
+        return True
+
+    def generation_rows(self, records, run, settings, truncate):
+        """The prompts as predict_rows encodes them (the same limits and truncation)."""
+        from types import SimpleNamespace
+
+        options = SimpleNamespace(max_new_tokens=settings.max_new_tokens, truncate=truncate)
+        return [row["input_ids"].tolist() for row in self.predict_rows(records, run, options)]
+
+    def generate_batch(self, model, tokenizer, cfg, rows, batch_size, settings, call=0):
+        """Continuations (models.generate with `settings`) up to the end-of-text token, decoded;
+        prompts padded on the left to 8, 16, 32, ... tokens."""
+        from flaxen.generate import generate_ids
+
+        limit = model.config.max_position_embeddings
+        buckets = [8 << k for k in range(16) if (8 << k) < limit - settings.max_new_tokens] + \
+            [limit - settings.max_new_tokens]
+        new = generate_ids(model, rows, settings, batch_size=batch_size, buckets=buckets,
+                           eos_id=end_of_text_id(tokenizer), pad_id=tokenizer.pad_token_id, encoder_decoder=False,
+                           max_positions=limit, call=call)
+        return [tokenizer.decode(ids) for ids in new]

@@ -51,6 +51,11 @@ class SequenceClassification(RecordTask):
         shapes["labels"] = ((rows,), np.int32)
         return shapes
 
+    def model_inputs(self, batch: dict) -> dict:
+        # the label comes from the pooled first position only: BERT's last block computes that
+        # position alone (models.Model's head_positions_only; the logits are the same)
+        return {**super().model_inputs(batch), "head_positions_only": True}
+
     def loss_weight(self, batch: dict):
         return jnp.sum(valid_rows(batch))
 

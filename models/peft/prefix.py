@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import SelfAttention
+from models.attention import SelfAttention, query_rows
 from models.peft import targets
 from models.peft.config import PrefixConfig
 from models.peft.variables import PrefixParam, Projection, peft_param
@@ -49,7 +49,7 @@ class PrefixSelfAttention(SelfAttention):
     def __init__(self, base: SelfAttention, *, layer_index: int, length: int, init_std: float,
                  encoder: PrefixEncoder | None, rngs: nnx.Rngs):
         self.query, self.key, self.value, self.out = base.query, base.key, base.value, base.out
-        self.dropout_rate = base.dropout_rate
+        self.dropout_rate, self.implementation = base.dropout_rate, base.implementation
         self.length = length
         self.layer_index = layer_index
         self.prefix_encoder = encoder
@@ -68,10 +68,12 @@ class PrefixSelfAttention(SelfAttention):
         both = self.prefix_encoder()[:, self.layer_index]
         return both[:, 0], both[:, 1]
 
-    def __call__(self, x, mask, *, dropout_rng=None, cache=None, cache_index=None, output_attentions: bool = False):
+    def __call__(self, x, mask, *, dropout_rng=None, cache=None, cache_index=None, output_attentions: bool = False,
+                 query_length: int | None = None):
         """As SelfAttention; with `output_attentions` the probabilities' key axis is the prefix
         followed by the keys: [batch, heads, seq, length + k_len]."""
-        q, k, v, cache = self.project(x, cache, cache_index)
+        q, k, v, cache = self.project(x, cache, cache_index, query_length)
+        mask = query_rows(mask, query_length)
         prefix_k, prefix_v = self.prefixes()
         batch = x.shape[0]
         k = jnp.concatenate([jnp.broadcast_to(prefix_k.astype(k.dtype), (batch,) + prefix_k.shape), k], axis=1)
