@@ -7,9 +7,10 @@ programs for the same shapes; with the cache they load the compiled executable f
 `compilation_cache_dir` (train.py and eval.py) names the directory: by default
 $XDG_CACHE_HOME/flaxen/jax (~/.cache/flaxen/jax); null or '' turns the cache off. JAX keys each
 entry by the program, the jax/jaxlib version, the devices and the XLA flags, so a changed model,
-shape, mesh or flag compiles anew and never loads a wrong program. Only programs that took at
-least MIN_COMPILE_SECONDS to compile are written (the tiny ones cost more to store than to
-compile). The cache is trusted code: keep it in a directory only you can write to.
+shape, mesh or flag compiles anew and never loads a wrong program. Every program is written,
+also the small ones (initialisation, sharding helpers), which a minimum-compile-time threshold
+would leave to be compiled again on every start. The cache is trusted code: keep it in a
+directory only you can write to.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import jax
 
 from flaxen.errors import ConfigError
 
-MIN_COMPILE_SECONDS = 0.5
+MIN_COMPILE_SECONDS = 0.0
 
 
 def use_cache(directory: Optional[str], key: str = "compilation_cache_dir", *,

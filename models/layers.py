@@ -207,32 +207,9 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-@jax.custom_vjp
-def _gelu_exact(x):
-    return jax.nn.gelu(x, approximate=False)
-
-
-def _gelu_exact_forward(x):
-    cdf = 0.5 * jax.lax.erfc(-x * (1.0 / math.sqrt(2.0)))  # Φ(x), computed once
-    return x * cdf, (x, cdf)
-
-
-def _gelu_exact_backward(residuals, g):
-    x, cdf = residuals
-    # d/dx x·Φ(x) = Φ(x) + x·φ(x): the backward pass reuses Φ(x) instead of evaluating erf again
-    pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-    return (g * (cdf + x * pdf),)
-
-
-_gelu_exact.defvjp(_gelu_exact_forward, _gelu_exact_backward)
-
-
 @jax.named_scope("activation")
 def gelu_exact(x):
-    """GELU with the exact normal CDF (BERT's "gelu"), x·Φ(x). Its gradient Φ(x) + x·φ(x) reuses the
-    forward pass's Φ(x): autodiff of erf evaluated erf a second time in the backward pass, the
-    costliest elementwise work of a BERT step on CPU (docs/performance.md)."""
-    return _gelu_exact(x)
+    return jax.nn.gelu(x, approximate=False)
 
 
 @jax.named_scope("activation")

@@ -171,8 +171,8 @@ def timed(run_one, count: int) -> list[float]:
 SETTINGS = {"dtype": "float32", "attention_implementation": None}
 
 
-def minilm_setup():
-    batch_size, seq = 32, 128
+def minilm_setup(seq: int = 128):
+    batch_size = 32
     try:
         path = models.minilm_path()
         model = models.load_pretrained(path, head="seq_cls", num_labels=2, **SETTINGS)
@@ -228,7 +228,7 @@ def case_rows(args, peak: float, case: str, model, weights: str, task: str, opti
 
 def minilm_case(args, peak: float, torch_step=None, torch_info=None) -> tuple[dict, dict | None]:
     """flaxen's minilm row; with `torch_step` (a Hugging Face step function) also its row."""
-    model, weights, batch, optimizer_cfg = minilm_setup()
+    model, weights, batch, optimizer_cfg = minilm_setup(args.seq)
     return case_rows(args, peak, "minilm_seq_cls", model, weights, "seq_cls", optimizer_cfg, batch,
                      "minilm_seq_cls_hf_torch", torch_step, torch_info)
 
@@ -302,7 +302,7 @@ def torch_minilm_step(args):
     model = BertForSequenceClassification.from_pretrained(models.minilm_path(), num_labels=2)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
-    b, t = 32, 128
+    b, t = 32, args.seq
     x = torch.randint(1000, 30000, (b, t))
     y = torch.randint(0, 2, (b,))
     mask = torch.ones(b, t, dtype=torch.long)
@@ -342,13 +342,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_STEP = re.compile(r"compiled and ran the first step in ([0-9.]+)s")
 
 
-def train_process(overrides: list[str], log_path: str) -> tuple[float, str]:
+def train_process(overrides: list[str], log_path: str, env: dict | None = None) -> tuple[float, str]:
     """Runs `python train.py OVERRIDES` as a user would (progress bar off); returns (wall seconds of
     the whole process, its output). Exits with the log's tail when the run fails."""
     command = [sys.executable, "train.py", "progress_bar=false", *overrides]
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env=None if env is None else {**os.environ, **env})
     wall = time.perf_counter() - start
     with open(log_path) as f:
         output = f.read()
@@ -357,10 +358,21 @@ def train_process(overrides: list[str], log_path: str) -> tuple[float, str]:
     return wall, output
 
 
+# JAX_LOG_COMPILES lines: "Finished tracing NAME for jit in 0.5 sec", "Finished jaxpr to MLIR module
+# conversion jit(NAME) in 0.2 sec", "Finished XLA compilation of jit(NAME) in 4.1 sec" (compiling, or
+# loading the program from the persistent cache)
+PHASES = {"trace_s": re.compile(r"Finished tracing .* for jit in ([0-9.e-]+) sec"),
+          "lower_s": re.compile(r"Finished jaxpr to MLIR module conversion .* in ([0-9.e-]+) sec"),
+          "compile_s": re.compile(r"Finished XLA compilation of .* in ([0-9.e-]+) sec")}
+
+
 def compile_cache_rows(work: str) -> list[dict]:
-    """For the quickstart and MiniLM SST-2 presets: the first step's time (compilation + one step,
-    as the loop logs it) with an empty persistent compilation cache, then again in a new run
-    directory with the cache the first run filled."""
+    """For the quickstart and MiniLM SST-2 presets: the first step's time (as the loop logs it:
+    from the loop's start, so the first batch, tracing, compiling or loading the compiled program,
+    and the step itself) with an empty persistent compilation cache, then again in a new run
+    directory with the cache the first run filled; and, from JAX's own log (JAX_LOG_COMPILES), the
+    seconds the whole 2-step process spent tracing, lowering and compiling (a program loaded from
+    the cache counts no compilation)."""
     rows = []
     for experiment, extra in (("quickstart", []), ("minilm_sst2", [])):
         cache = os.path.join(work, f"cache_{experiment}")
@@ -368,14 +380,20 @@ def compile_cache_rows(work: str) -> list[dict]:
         for state_of_cache in ("cold", "warm"):
             run_dir = os.path.join(work, f"{experiment}_{state_of_cache}")
             _, output = train_process([f"experiment={experiment}", f"hydra.run.dir={run_dir}", "steps=2",
-                                       "eval_split=null", f"compilation_cache_dir={cache}", *extra],
-                                      os.path.join(work, f"{experiment}_{state_of_cache}.log"))
+                                       "schedule.warmup_steps=1", "eval_split=null",
+                                       f"compilation_cache_dir={cache}", *extra],
+                                      os.path.join(work, f"{experiment}_{state_of_cache}.log"),
+                                      env={"JAX_LOG_COMPILES": "1"})
             found = FIRST_STEP.search(output)
             if not found:
                 sys.exit(f"bench: no first-step time in the log of experiment={experiment}")
-            times[state_of_cache] = float(found.group(1))
-        rows.append({"case": f"compile_cache_{experiment}", "first_step_cold_s": times["cold"],
-                     "first_step_warm_s": times["warm"], "warm_over_cold": round(times["warm"] / times["cold"], 3),
+            times[state_of_cache] = {"first_step_s": float(found.group(1)),
+                                     **{phase: round(sum(float(x) for x in pattern.findall(output)), 2)
+                                        for phase, pattern in PHASES.items()}}
+        cold, warm = times["cold"], times["warm"]
+        rows.append({"case": f"compile_cache_{experiment}", "cold": cold, "warm": warm,
+                     "first_step_warm_over_cold": round(warm["first_step_s"] / cold["first_step_s"], 3),
+                     "compile_warm_over_cold": round(warm["compile_s"] / max(cold["compile_s"], 1e-9), 3),
                      "data": data_settings(f"experiment={experiment}, steps=2")})
     return rows
 
@@ -389,10 +407,10 @@ def end_to_end_rows(work: str, steps: int | None = None) -> list[dict]:
     cache = os.path.join(work, "cache_e2e")
     rows = []
     for state_of_cache in ("cold", "warm"):
-        run_dir = os.path.join(work, f"minilm_sst2_{state_of_cache}")
+        run_dir = os.path.join(work, f"e2e_minilm_sst2_{state_of_cache}")
         wall, _ = train_process(["experiment=minilm_sst2", f"hydra.run.dir={run_dir}",
                                  f"compilation_cache_dir={cache}", *budget],
-                                os.path.join(work, f"minilm_sst2_{state_of_cache}.log"))
+                                os.path.join(work, f"e2e_minilm_sst2_{state_of_cache}.log"))
         with open(os.path.join(run_dir, "results.json")) as f:
             results = json.load(f)
         rows.append({"case": f"sst2_end_to_end_flaxen_{state_of_cache}_cache", "wall_s": round(wall, 1),
@@ -425,6 +443,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--torch", action="store_true",
                         help="also time the PyTorch peers: Hugging Face (minilm) and nanoGPT's recipe (gpt_nano)")
+    parser.add_argument("--seq", type=int, default=128,
+                        help="minilm: tokens per row (SST-2's length-grouped batches are mostly 16 or 32)")
     parser.add_argument("--alone", action="store_true",
                         help="with --torch: time all of flaxen's steps, then all of PyTorch's (each alone), "
                              "instead of alternating them")

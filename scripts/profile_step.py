@@ -266,7 +266,6 @@ def ablations(args) -> list[dict]:
     """Each of flaxen's step changes turned off in turn, timed interleaved with the code as it is
     (one process, one step of each variant in turn, median of --steps)."""
     from flaxen import tasks
-    from models import bert
 
     seq_cls = type(tasks.get("seq_cls"))
     inputs = seq_cls.model_inputs
@@ -274,14 +273,9 @@ def ablations(args) -> list[dict]:
     def all_positions(self, batch):
         return {k: v for k, v in inputs(self, batch).items() if k != "head_positions_only"}
 
-    def autodiff_gelu(x):
-        with jax.named_scope("activation"):
-            return jax.nn.gelu(x, approximate=False)
-
     cases = {
         "minilm": {"as is": [],
-                   "last block at every position": [(seq_cls, "model_inputs", all_positions)],
-                   "GELU gradient by autodiff": [(bert, "gelu_exact", autodiff_gelu)]},
+                   "last block at every position": [(seq_cls, "model_inputs", all_positions)]},
         "gpt_nano": {"as is": [],
                      "attention by jax.nn.dot_product_attention": [
                          (bench, "SETTINGS", {**bench.SETTINGS, "attention_implementation": "xla"})]},
