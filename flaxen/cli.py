@@ -61,3 +61,27 @@ def integer_option(options: dict, key: str, default: Optional[int] = None, posit
         raise ConfigError(f"{key}={options[key]!r}: expected an integer") from None
     if positive and options[key] < 1:
         raise ConfigError(f"{key}={options[key]}: expected a positive integer")
+
+
+def write_output(text: str, output: Optional[str]) -> None:
+    """`text` to the file `output` (written to a temporary file beside it, then renamed, so an
+    interrupted write never leaves half a file) or to stdout when `output` is None."""
+    import os
+
+    from flaxen.errors import StorageError
+
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    output = os.path.abspath(os.path.expanduser(output))
+    temporary = f"{output}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, output)
+    except OSError as error:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise StorageError.from_exception(error, output) from error

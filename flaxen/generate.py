@@ -157,24 +157,9 @@ def generate(run: Any, records: Sequence[dict], options: GenerateConfig) -> list
 def write_text(lines: Sequence[str], output: Optional[str]) -> None:
     """One text per line to `output` (a temporary file, then renamed) or stdout; a line break
     inside a text becomes a space, so line i answers input line i."""
-    from flaxen.errors import StorageError
+    from flaxen.cli import write_output
 
-    text = "".join(" ".join(str(line).splitlines()) + "\n" for line in lines)
-    if output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    output = os.path.abspath(os.path.expanduser(output))
-    temporary = f"{output}.tmp-{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(output), exist_ok=True)
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temporary, output)
-    except OSError as error:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise StorageError.from_exception(error, output) from error
+    write_output("".join(" ".join(str(line).splitlines()) + "\n" for line in lines), output)
 
 
 def generate_file(options: GenerateConfig) -> list[str]:

@@ -329,24 +329,9 @@ def predict(run: Any, path: str, options: Optional[PredictConfig] = None) -> lis
 
 def write_jsonl(predictions: Sequence[dict], output: Optional[str]) -> None:
     """One JSON object per line to `output` (written to a temporary file, then renamed), or stdout."""
-    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
-    if output is None:
-        sys.stdout.write(lines)
-        sys.stdout.flush()
-        return
-    from flaxen.errors import StorageError
+    from flaxen.cli import write_output
 
-    output = os.path.abspath(os.path.expanduser(output))
-    temporary = f"{output}.tmp-{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(output), exist_ok=True)
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(lines)
-        os.replace(temporary, output)
-    except OSError as error:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise StorageError.from_exception(error, output) from error
+    write_output("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), output)
 
 
 def predict_file(options: PredictConfig) -> list[dict]:

@@ -98,15 +98,32 @@ def make_train_step(graphdef, task, optimizer: optax.GradientTransformation, *, 
             (grads, loss_sum), _ = jax.lax.scan(
                 accumulate, (zeros, jnp.zeros((), jnp.float32)),
                 (_micro_batches(batch, accum_steps), jnp.arange(accum_steps)))
-        with jax.named_scope("optimizer"):
-            grad_norm = global_norm(grads)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
+        params, opt_state, grad_norm = _apply_update(optimizer, grads, opt_state, params)
         metrics = {"loss": loss_sum / weight, "grad_norm": grad_norm, "weight": weight}
-        if schedule is not None:
-            metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
-        return params, opt_state, metrics
+        return params, opt_state, _with_learning_rate(metrics, schedule, step)
 
+    return _jit_train_step(train_step, donate, param_shardings, opt_shardings, rest_shardings, batch_sharding,
+                           replicated)
+
+
+def _apply_update(optimizer, grads, opt_state, params):
+    """(new params, new optimizer state, the gradients' global norm): one optimizer update."""
+    with jax.named_scope("optimizer"):  # named scopes label the ops in profiles (scripts/profile_step.py)
+        grad_norm = global_norm(grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, grad_norm
+
+
+def _with_learning_rate(metrics: dict, schedule, step) -> dict:
+    if schedule is not None:
+        metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
+    return metrics
+
+
+def _jit_train_step(train_step, donate: bool, param_shardings, opt_shardings, rest_shardings, batch_sharding,
+                    replicated):
+    """jit of a train_step(params, opt_state, rest, batch, step, rng) with its shardings (none: jit
+    decides) and params / opt_state donated."""
     shardings = dict(
         in_shardings=(param_shardings, opt_shardings, rest_shardings, batch_sharding, replicated, replicated),
         out_shardings=(param_shardings, opt_shardings, replicated),
@@ -259,22 +276,15 @@ def make_private_train_step(graphdef, task, optimizer: optax.GradientTransformat
     def train_step(params, opt_state, rest, batch, step, rng):
         grads, stats = private_gradient(graphdef, task, privacy, params, rest, batch, jax.random.fold_in(rng, step),
                                         accum_steps, lengths=lengths)
-        grad_norm = global_norm(grads)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params, opt_state, grad_norm = _apply_update(optimizer, grads, opt_state, params)
         examples = stats[1]
         metrics = {"loss": stats[0] / jnp.maximum(examples, 1.0), "grad_norm": grad_norm,
                    "weight": jnp.maximum(examples, 1.0), "examples": examples,
                    "clipped_fraction": stats[2] / jnp.maximum(examples, 1.0)}
-        if schedule is not None:
-            metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
-        return params, opt_state, metrics
+        return params, opt_state, _with_learning_rate(metrics, schedule, step)
 
-    shardings = dict(
-        in_shardings=(param_shardings, opt_shardings, rest_shardings, batch_sharding, replicated, replicated),
-        out_shardings=(param_shardings, opt_shardings, replicated),
-    ) if param_shardings is not None else {}
-    return jax.jit(train_step, donate_argnums=(0, 1) if donate else (), **shardings)
+    return _jit_train_step(train_step, donate, param_shardings, opt_shardings, rest_shardings, batch_sharding,
+                           replicated)
 
 
 def make_eval_step(graphdef, task, *, param_shardings: Any = None, rest_shardings: Any = None,

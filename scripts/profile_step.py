@@ -221,20 +221,6 @@ def profile_torch(step, steps: int) -> dict:
     return _summary(totals, walls, steps, ops)
 
 
-# ----------------------------------------------------------------------------- cases
-
-
-def _flaxen_step(case: str, args):
-    if case == "minilm":
-        model, _, batch, optimizer_cfg = bench.minilm_setup()
-        task = "seq_cls"
-    else:
-        model, batch, optimizer_cfg = bench.gpt_nano_setup()
-        task = "clm"
-    run_one, info = bench.prepare_train_step(model, task, optimizer_cfg, batch, args.warmup, hlo=True)
-    return run_one, info["hlo"]
-
-
 # ----------------------------------------------------------------------------- ablations
 
 
@@ -247,19 +233,20 @@ def _variant_steps(case: str, variants: dict, warmup: int) -> dict:
         for obj, attr, value in patches:
             setattr(obj, attr, value)
         try:
-            steps[name], _ = _flaxen_step_only(case, warmup)
+            steps[name], _ = _flaxen_step(case, warmup)
         finally:
             for obj, attr, value in saved:
                 setattr(obj, attr, value)
     return steps
 
 
-def _flaxen_step_only(case: str, warmup: int):
+def _flaxen_step(case: str, warmup: int, hlo: bool = False):
+    """(run_one, info) of bench.py's flaxen step for `case` (minilm | gpt_nano)."""
     if case == "minilm":
         model, _, batch, optimizer_cfg = bench.minilm_setup()
-        return bench.prepare_train_step(model, "seq_cls", optimizer_cfg, batch, warmup)
+        return bench.prepare_train_step(model, "seq_cls", optimizer_cfg, batch, warmup, hlo=hlo)
     model, batch, optimizer_cfg = bench.gpt_nano_setup()
-    return bench.prepare_train_step(model, "clm", optimizer_cfg, batch, warmup)
+    return bench.prepare_train_step(model, "clm", optimizer_cfg, batch, warmup, hlo=hlo)
 
 
 def ablations(args) -> list[dict]:
@@ -318,8 +305,8 @@ def main():
         return
     rows = []
     for case in args.cases.split(","):
-        run_one, hlo = _flaxen_step(case, args)
-        flaxen_profile = profile_flaxen(run_one, hlo, args.steps)
+        run_one, info = _flaxen_step(case, args.warmup, hlo=True)
+        flaxen_profile = profile_flaxen(run_one, info["hlo"], args.steps)
         del run_one
         torch_step, torch_info = (bench.torch_minilm_step if case == "minilm" else bench.torch_nano_step)(args)
         torch_profile = profile_torch(torch_step, args.steps)
