@@ -7,6 +7,11 @@ Re-running the same command resumes that run from its latest checkpoint.
 Exit status: 0 when the run completed (or stopped early); 1 with `error: ...` for a mistake in
 the config, data or run directory (a flaxen error); 130 / 143 after Ctrl-C / SIGTERM, once the
 checkpoint of the step reached is saved (a scheduler can requeue on 143: docs/scaling.md).
+
+The Hydra main returns the run's best evaluation of best_metric (None without evaluation): the
+objective of a hyperparameter search, `python train.py -m hparams_search=finetune experiment=NAME`
+(configs/hparams_search/; each run is one Optuna trial, flaxen.sweep). A trial that diverges fails
+alone (recorded in the sweep's trials.jsonl, marked failed by Optuna); any other error ends the sweep.
 """
 import sys
 
@@ -25,20 +30,35 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from flaxen import loop
+def main(cfg: DictConfig) -> float | None:
+    from flaxen import loop, sweep
 
+    trial = sweep.trial_of()  # None unless this run is an Optuna sweep's trial
     try:
+        if trial is not None:
+            sweep.check(cfg, trial)
         results = run(cfg)
+        if loop.exit_code(results):  # exiting 0 here would end a multirun sweep after its first run
+            sys.exit(loop.exit_code(results))
+        return loop.best_value(results) if trial is None else sweep.finish(trial, cfg, results)
+    except sweep.TRIAL_FAILURES as error:
+        if trial is None:
+            _fail(error)
+        print(f"trial {trial.number} failed: {error}", file=sys.stderr)
+        if not isinstance(error, sweep.NonFiniteObjectiveError):  # finish() recorded that one
+            sweep.fail(trial, cfg, error)
+        raise  # the sweeper marks the trial failed and goes on (hydra.sweeper.max_failure_rate)
     except FlaxenError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        _fail(error)
     except KeyboardInterrupt:
         print("aborted: nothing was saved since the last checkpoint; rerun the command to resume from it",
               file=sys.stderr)
         sys.exit(130)
-    if loop.exit_code(results):  # exiting 0 here would end a multirun sweep after its first run
-        sys.exit(loop.exit_code(results))
+
+
+def _fail(error: FlaxenError) -> None:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

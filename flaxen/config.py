@@ -60,6 +60,15 @@ class TaskConfig:
     answer in tokens), as Hugging Face's run_qa.py.
     label_smoothing: seq2seq / span_corruption, the smoothed cross-entropy's epsilon (0: plain).
     separator: seq2seq on a decoder-only model, the text between prompt and completion.
+    class_weights: seq_cls / token_cls, the cross-entropy's per-class weights: `balanced` (scikit-learn's
+        n_samples / (num_labels * count_c) over the train split the run trains on; token_cls counts the
+        label ids of scored tokens) or a list of num_labels positive weights; null: unweighted. The loss
+        is sum(w_y * ce) / sum(w_y), as PyTorch's CrossEntropyLoss(weight=...) (flaxen.tasks.base).
+    max_predictions_per_row: mlm, the most masked tokens one row may hold; the MLM head (transform
+        and vocabulary projection) then runs at that many gathered positions per row instead of at
+        every position. null: derived from data.mlm_probability and data.window_length (a row
+        exceeds it with probability below 1e-6: 41 for 15 % of 128); 0: no cap, the head at every
+        position (flaxen.tasks.mlm).
     generation: decoding at evaluation and generate.py's defaults (flaxen.generate.GenerationConfig).
     (How records become rows is data's: data.max_target_length, data.noise_density, ...)
     """
@@ -69,6 +78,8 @@ class TaskConfig:
     max_answer_length: int = 30
     label_smoothing: float = 0.0
     separator: str = "\n"
+    class_weights: Any = None
+    max_predictions_per_row: Optional[int] = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
@@ -139,7 +150,11 @@ class TrainConfig:
     data_dir: str = MISSING
     run_dir: str = MISSING
     init_from: Optional[str] = None
-    steps: int = 1000
+    # training length: `steps` optimizer updates, or `epochs` passes over the train split (when set,
+    # epochs decides and steps is unused):
+    # steps = ceil(epochs * train examples / batch_size), resolved once the data is loaded (resolve_epochs)
+    steps: Optional[int] = 1000
+    epochs: Optional[float] = None
     batch_size: int = 32
     micro_batch_size: Optional[int] = None
     log_every: int = 50
@@ -226,7 +241,8 @@ def validate(cfg) -> None:
     task = tasks.get(cfg.task.name)
     _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     _choice("schedule.name", cfg.schedule.name, SCHEDULES)
-    peft_config = peft.for_run(cfg.peft, cfg.steps)
+    _check_length(cfg)
+    peft_config = peft.for_run(cfg.peft, cfg.steps) if cfg.steps is not None else peft.from_dict(cfg.peft)
     for key in ("steps", "batch_size", "eval_batch_size", "keep_checkpoints"):
         _positive(key, cfg[key])
     for key in ("log_every", "eval_every", "checkpoint_every", "schedule.warmup_steps"):
@@ -242,8 +258,6 @@ def validate(cfg) -> None:
         raise ConfigError(
             f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size} "
             "(gradient accumulation runs batch_size // micro_batch_size micro-batches per step)")
-    if cfg.schedule.warmup_steps > cfg.steps:
-        raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds steps={cfg.steps}")
     if not 0.0 <= cfg.schedule.end_lr_ratio <= 1.0:
         raise ConfigError(f"schedule.end_lr_ratio={cfg.schedule.end_lr_ratio}: expected a value in [0, 1]")
     if cfg.optimizer.lr <= 0:
@@ -258,7 +272,10 @@ def validate(cfg) -> None:
     task.check_data_config(cfg.data)
     task.check_config(cfg)
     check_privacy_config(cfg, task)
-    check_prune_config(cfg)
+    if cfg.get("epochs") is None:  # else once `epochs` gave the steps (resolve_epochs)
+        _check_steps(cfg)
+    task.check_class_weights(cfg.task.get("class_weights"))
+    _check_class_sampling_with_privacy(cfg)
     length = task.row_length(cfg.data)
     if cfg.model.pretrained is None and length > cfg.model.max_position_embeddings:
         raise ConfigError(f"data.{task.length_key}={length} exceeds model.max_position_embeddings="
@@ -266,6 +283,69 @@ def validate(cfg) -> None:
     if cfg.init_from is not None and cfg.model.pretrained is not None:
         raise ConfigError("init_from and model.pretrained are both set: choose one starting point")
     check_prompt_config(cfg, peft_config, length, task.length_key)
+
+
+def _check_length(cfg) -> None:
+    """`epochs`, when set, gives the length (any `steps`, e.g. an experiment's, is then unused);
+    otherwise `steps`."""
+    epochs = cfg.get("epochs")
+    if epochs is None and cfg.steps is None:
+        raise ConfigError("steps and epochs are both null: set steps=N (optimizer updates) or epochs=N (passes over "
+                          "the train split)")
+    if epochs is not None and not epochs > 0:
+        raise ConfigError(f"epochs={epochs}: expected a positive number of passes over the train split")
+
+
+def _check_steps(cfg) -> None:
+    """What depends on the run's length (`steps`, given or resolved from `epochs`)."""
+    given = "" if cfg.get("epochs") is None else f" (from epochs={cfg.epochs})"
+    peft.for_run(cfg.peft, cfg.steps)  # AdaLoRA's total_step defaults to the run's steps
+    if cfg.schedule.warmup_steps > cfg.steps:
+        raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds steps={cfg.steps}{given}")
+    check_prune_config(cfg)
+
+
+def _check_class_sampling_with_privacy(cfg) -> None:
+    """DP-SGD's accounting assumes each example is drawn independently with one rate and protects
+    each example's whole loss: oversampling and per-class loss weights break those assumptions."""
+    from flaxen import privacy
+
+    if not privacy.enabled(cfg):
+        return
+    if cfg.data.get("resample") is not None:
+        raise ConfigError(f"data.resample={cfg.data.resample} with privacy={cfg.privacy.name}: oversampling draws some "
+                          "examples more often than the privacy accounting assumes; set data.resample=null")
+    if cfg.task.get("class_weights") is not None:
+        raise ConfigError(f"task.class_weights with privacy={cfg.privacy.name}: DP-SGD normalises each example's "
+                          "loss on its own, which undoes the class weights; set task.class_weights=null")
+
+
+def resolve_epochs(cfg, epoch_examples: int):
+    """`cfg` itself when it sets `steps`; for `epochs=E` a copy with steps = ceil(E * epoch_examples /
+    batch_size) (epoch_examples: the rows one training epoch draws, after any few-shot subset and
+    resampling; batch_size is the examples per optimizer update, gradient accumulation included), with
+    the checks that depend on the run's length. E is read as the decimal it is written as (epochs=0.3
+    over 1000 examples at batch 10 is 30 steps, not 31)."""
+    if cfg.get("epochs") is None:
+        return cfg
+    import copy
+    import math
+    from fractions import Fraction
+
+    if epoch_examples <= 0:
+        raise ConfigError(f"epochs={cfg.epochs}: the train split has no examples")
+    resolved = copy.deepcopy(cfg)
+    resolved.steps = math.ceil(Fraction(repr(float(cfg.epochs))) * int(epoch_examples) / int(cfg.batch_size))
+    _check_steps(resolved)
+    return resolved
+
+
+def train_length(cfg, epoch_examples: int) -> dict:
+    """The run's length in both units, for results.json: planned steps, the epochs they cover, the
+    rows per epoch and per step, and which of steps / epochs the config set."""
+    return {"steps": int(cfg.steps), "epochs": int(cfg.steps) * int(cfg.batch_size) / int(epoch_examples)
+            if epoch_examples else None, "epoch_examples": int(epoch_examples), "batch_size": int(cfg.batch_size),
+            "set_by": "steps" if cfg.get("epochs") is None else "epochs", "epochs_given": cfg.get("epochs")}
 
 
 def check_prompt_config(cfg, config, length: int, length_key: str) -> None:

@@ -27,7 +27,7 @@ A run directory cannot be damaged by a second command (`RunDirectory`):
   seed, init_from, evaluation split and metric, ...) is refused with one ConfigError listing
   `key: old -> new`. SAFE_ON_RESUME holds what changes when and how long the run trains, logs,
   evaluates and keeps checkpoints, and where it finds its files, never what one step computes:
-  steps, eval_every, eval_batches, eval_batch_size, checkpoint_every, keep_checkpoints,
+  steps, epochs, eval_every, eval_batches, eval_batch_size, checkpoint_every, keep_checkpoints,
   log_every, early_stopping_patience, progress_bar, loggers, wandb_project, wandb_entity,
   experiment_name (a label), data_dir, run_dir (a moved directory), data.prepared_dir (prepared
   data is keyed by content), data.loader_threads (prefetching only) and distributed.* (how
@@ -80,9 +80,9 @@ from models import peft
 
 
 # config keys a resume may change (a key covers the keys under it); see the module docstring
-SAFE_ON_RESUME = ("steps", "eval_every", "eval_batches", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
-                  "log_every", "early_stopping_patience", "progress_bar", "loggers", "wandb_project", "wandb_entity",
-                  "experiment_name", "data_dir", "run_dir", "data.prepared_dir", "data.loader_threads", "distributed",
+SAFE_ON_RESUME = ("steps", "epochs", "eval_every", "eval_batches", "eval_batch_size", "checkpoint_every",
+                  "keep_checkpoints", "log_every", "early_stopping_patience", "progress_bar", "loggers", "wandb_project",
+                  "wandb_entity", "experiment_name", "data_dir", "run_dir", "data.prepared_dir", "data.loader_threads", "distributed",
                   "compilation_cache_dir")
 
 
@@ -99,6 +99,16 @@ def exit_code(results: dict) -> int:
     run (130 for SIGINT, 143 for SIGTERM, as a shell reports a process that signal ended), else 0."""
     name = results.get("signal") if results.get("status") == "interrupted" else None
     return 128 + signal.Signals[name].value if name else 0
+
+
+def best_value(results: dict) -> float | None:
+    """The run's best evaluation of its best metric, `results["best_eval"][results["best_metric"]["name"]]`
+    (what train.py returns to a hyperparameter sweeper, flaxen.sweep); None for a run that did not
+    evaluate (eval_split=null) or was interrupted."""
+    best = results.get("best_eval")
+    if not best or results["best_metric"]["name"] not in best:
+        return None
+    return float(best[results["best_metric"]["name"]])
 
 
 def is_time(step: int, every: int | None) -> bool:
@@ -159,6 +169,14 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
             task_data = load_task_data(cfg.data, task, run.data_dir, tokenizer_path=modeling.tokenizer_path(cfg),
                                        presets=config_lib.data_preset)
         _check_data(cfg, task, task_data, metric_name if evaluating else None)
+        # training length: `epochs` gives the steps once the rows of a training epoch are known
+        epoch_examples = _epoch_examples(task_data)
+        given_steps = cfg.steps
+        cfg = config_lib.resolve_epochs(cfg, epoch_examples)
+        run.use_config(cfg)
+        if cfg.get("epochs") is not None:
+            log(f"epochs={cfg.epochs}: {epoch_examples} train examples per epoch at batch {cfg.batch_size} -> "
+                f"{cfg.steps} steps" + (f" (the config's steps={given_steps} is not used)" if given_steps is not None else ""))
         # DP-SGD (flaxen.privacy): noise multiplier, sampling rate, delta and batch rows, decided once
         private = privacy.plan(cfg, task_data.num_examples("train"), sharding.batch_divisor(mesh) * jax.process_count())
         _check_private_resume(cfg, run)
@@ -261,6 +279,9 @@ def train(cfg: Any, *, trainable_filter: Any = None, should_stop: Callable[[int]
         if private is not None:
             results["privacy"] = private.record(step, truncated_batches=getattr(train_loader, "truncated_batches", 0),
                                                 dropped_rows=getattr(train_loader, "dropped_rows", 0))
+        results["train_length"] = config_lib.train_length(cfg, epoch_examples)
+        if hasattr(task_data, "train_summary"):
+            results["train_data"] = task_data.train_summary()
         pruned = pruning.record(cfg, current.params)  # gradual pruning: the final sparsity
         if pruned is not None:
             results["prune"] = pruned
@@ -357,6 +378,17 @@ class RunDirectory:
                 f"change:\n{listed}Only {safe} may change on resume. To start a new run, give it another run "
                 f"directory (hydra.run.dir=PATH; run_dir=PATH from Python) or delete {self.path}; to resume it, "
                 f"use its own config ({saved}).")
+
+    def use_config(self, cfg: Any) -> None:
+        """Takes `cfg` with its steps resolved from `epochs` (config.resolve_epochs): config.yaml
+        records them, and a resume's `steps` change is between the saved and the resolved count."""
+        if cfg is self.cfg:
+            return
+        self.cfg = cfg
+        if "steps" in self.changes:
+            saved = self.changes.pop("steps")[0]
+            if saved != cfg.steps:
+                self.changes["steps"] = (saved, cfg.steps)
 
     def start(self, task_data: Any) -> None:
         """Records this start (after the start-up checks passed): config.yaml and config.json when
@@ -472,6 +504,12 @@ def _check_data(cfg: Any, task: Any, task_data: Any, metric_name: str | None) ->
             key = "best_metric" if cfg.best_metric is not None else f"best_metric (task {task.name}'s default)"
             raise ConfigError(f"{key}={metric_name!r}: evaluating {task.name} on this data gives "
                               f"{', '.join(produced)}")
+
+
+def _epoch_examples(task_data: Any) -> int:
+    """Rows of one training epoch (TaskData.epoch_examples; data without it: the train split's rows)."""
+    count = getattr(task_data, "epoch_examples", None) or task_data.num_examples
+    return int(count("train"))
 
 
 def _check_private_resume(cfg: Any, run: "RunDirectory") -> None:

@@ -158,6 +158,9 @@ class HeadSpec:
     reads_pooled_only: with BERT's pooler the head reads nothing but the pooled output (position 0's
         final hidden state), so `Model(..., head_positions_only=True)` runs the last block for that
         position alone.
+    positionwise: the head's output at a position reads that position's hidden state alone (and no
+        dropout key), so `Model(..., masked_positions=[batch, m])` applies it to the hidden states
+        gathered at those positions only: the same outputs there, for m / seq of the head's work.
     """
 
     families: tuple[str, ...]
@@ -169,6 +172,7 @@ class HeadSpec:
     generates: bool = False
     peft_task_type: Optional[str] = None
     reads_pooled_only: bool = False
+    positionwise: bool = False
 
     def uses_pooler(self, family: str) -> bool:
         """Whether a `family` model with this head builds the encoder's pooler."""
@@ -224,6 +228,7 @@ HEADS: dict[Optional[str], HeadSpec] = {
         build=lambda config, num_labels, rngs: MaskedLMHead(config, rngs=rngs),
         apply=_masked_lm,
         ties_embedding=True,
+        positionwise=True,
     ),
     "causal_lm": HeadSpec(
         families=("gpt2",),

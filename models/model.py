@@ -74,14 +74,24 @@ class Model(nnx.Module):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                  inputs_embeds=None, deterministic: bool = True, dropout_rng=None, cache=None, cache_index=None,
                  output_attentions: bool = False, output_hidden_states: bool = False,
-                 head_positions_only: bool = False) -> ModelOutput:
+                 head_positions_only: bool = False, masked_positions=None) -> ModelOutput:
         """The backbone, then the head. `head_positions_only` (a static bool): compute the last block
         only at the positions the head reads, when the head says which (HeadSpec.reads_pooled_only:
         BERT's pooled heads read position 0); the head's outputs are the same, `last_hidden_state`
         then holds those positions only. Training and evaluation steps ask for it (flaxen's
-        seq_cls task): it skips 5/6 of the last block's work for classification."""
+        seq_cls task): it skips 5/6 of the last block's work for classification.
+
+        `masked_positions` [batch, m] (integer positions; heads with HeadSpec.positionwise, e.g.
+        'mlm'): the head reads the final hidden states at these positions only, so its outputs are
+        [batch, m, ...] (the full outputs gathered there) for m / seq of its work (BERT's
+        masked_lm_positions: flaxen's mlm task trains the vocabulary projection at the masked
+        tokens alone). None: the head at every position; `last_hidden_state` is always full."""
         if not deterministic and dropout_rng is None:
             raise ValueError("deterministic=False needs a dropout_rng")
+        if masked_positions is not None and not HEADS[self.head_name].positionwise:
+            raise ConfigError(f"masked_positions: head {self.head_name!r} does not read each position's hidden state "
+                              "alone; heads that do: " + ", ".join(
+                                  repr(name) for name, spec in HEADS.items() if spec.positionwise))
         rng = None if deterministic else dropout_rng
         backbone_rng = None if rng is None else jax.random.fold_in(rng, 0)
         head_rng = None if rng is None else jax.random.fold_in(rng, 1)
@@ -97,7 +107,11 @@ class Model(nnx.Module):
         new_cache = rest.pop(0) if cache is not None else None
         hidden_states = rest.pop(0) if output_hidden_states else None
         attentions = rest.pop(0) if output_attentions else None
-        outputs = HEADS[self.head_name].apply(self.head, hidden, pooled, self, attention_mask, input_ids, head_rng)
+        head_hidden = hidden
+        if masked_positions is not None:
+            head_hidden = jnp.take_along_axis(hidden, jnp.asarray(masked_positions, jnp.int32)[..., None], axis=1)
+        outputs = HEADS[self.head_name].apply(self.head, head_hidden, pooled, self, attention_mask, input_ids,
+                                              head_rng)
         outputs = {name: value.astype(jnp.float32) for name, value in outputs.items()}
         return ModelOutput(hidden, pooled, cache=new_cache, hidden_states=hidden_states, attentions=attentions,
                            **outputs)

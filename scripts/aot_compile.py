@@ -22,6 +22,7 @@ labelled tasks use `task.num_labels` (default 2).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -54,7 +55,7 @@ def use_fake_devices(count: int) -> None:
 def batch_shapes(cfg, task) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch of one step at the longest row length, as the task's loader shapes it."""
     return {key: jax.ShapeDtypeStruct(shape, dtype)
-            for key, (shape, dtype) in tasks.get(task).example_batch(cfg, cfg.batch_size).items()}
+            for key, (shape, dtype) in task.example_batch(cfg, cfg.batch_size).items()}
 
 
 def _bytes_per_device(tree, shardings) -> int:
@@ -65,7 +66,10 @@ def _bytes_per_device(tree, shardings) -> int:
 def memory_report(cfg, devices=None) -> dict:
     """Compiles the train step of `cfg` (a composed TrainConfig) for its mesh over `devices`
     (default: all) and returns the report printed by the command line (see the module docstring)."""
-    task = tasks.get(cfg.task.name)
+    task = tasks.for_run(cfg)  # bound as a run binds it: the same batch fields (e.g. class weights, seq2seq form)
+    if cfg.steps is None:  # epochs=N: the step count needs the data and changes nothing compiled
+        cfg = copy.deepcopy(cfg)
+        cfg.steps = max(int(cfg.schedule.warmup_steps), 1)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     micro_batch = cfg.micro_batch_size or cfg.batch_size
     for key, size in (("batch_size", cfg.batch_size), ("micro_batch_size", micro_batch)):

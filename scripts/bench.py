@@ -12,7 +12,11 @@ mesh, donated state, dropout keys folded from the step):
             AdamW, batch 32 x 128 tokens, dropout on (as Hugging Face's model.train());
   gpt_nano  nanoGPT's CPU model (4 layers, 4 heads, 128 wide, 65 symbols, no biases) + causal LM,
             batch 12 x 64, AdamW (beta2 0.99, weight decay 0.1), clip 1.0, dropout 0;
-  gpt2_small GPT-2 small (124M) causal LM, batch 8 x 1024, AdamW, clip 1.0: the accelerator case.
+  gpt2_small GPT-2 small (124M) causal LM, batch 8 x 1024, AdamW, clip 1.0: the accelerator case;
+  bert_mini_mlm  the bert_mini_mlm preset's masked-LM step (bert_mini, 8,000-id vocabulary, batch
+            16 x 128, 15 % masked), the MLM head at the masked positions only, beside the same step
+            with the head at every position (row bert_mini_mlm_full_projection), steps alternating;
+            the first row's speedup_over_full_projection = full step time / gathered step time.
 --dtype bfloat16 computes in bf16 (parameters and optimizer state stay f32); --attention cudnn uses
 jax.nn.dot_product_attention's cuDNN kernel (NVIDIA GPUs). On an accelerator MFU is against the
 device's nominal dense peak for the dtype (ACCELERATOR_PEAK_TFLOPS, or --peak-tflops), on CPU
@@ -280,6 +284,67 @@ def gpt2_small_case(args, peak: float) -> dict:
     return row
 
 
+def bert_mini_mlm_setup(max_predictions_per_row):
+    """configs/experiment/bert_mini_mlm.yaml's model (bert_mini with its 8,000-id WordPiece
+    vocabulary, dropout 0), task, optimizer and batch (16 x 128) with `task.max_predictions_per_row`
+    overridden when not None (0: the head at every position). The batch: random content ids between
+    [CLS] and [SEP], each content token masked with data.mlm_probability, capped at the preset's
+    derived max_predictions_per_row as flaxen's masking caps it (the same batch whatever the override)."""
+    from omegaconf import OmegaConf
+
+    from flaxen import tasks
+    from flaxen.config import compose
+    from flaxen.data import encoding
+    from flaxen.tasks.mlm import default_max_predictions
+
+    overrides = [] if max_predictions_per_row is None else [f"task.max_predictions_per_row={max_predictions_per_row}"]
+    cfg = compose(["experiment=bert_mini_mlm", *overrides])
+    values = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("name", "pretrained")}
+    values.update(vocab_size=int(cfg.data.tokenizer.vocab_size), **SETTINGS)
+    model = modeling.ModelSpec(models.ModelConfig.from_dict(values), "mlm", 2).build(cfg.seed)
+    batch_size, seq = int(cfg.batch_size), int(cfg.data.window_length)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, values["vocab_size"], (batch_size, seq)).astype(np.int32)
+    ids[:, 0], ids[:, -1] = 2, 3  # [CLS], [SEP]
+    labels = np.full((batch_size, seq), -100, np.int32)
+    inputs = ids.copy()
+    cap = default_max_predictions(seq, float(cfg.data.mlm_probability))
+    for row in range(batch_size):
+        chosen = np.flatnonzero(rng.random(seq - 2) < cfg.data.mlm_probability) + 1
+        labels[row, chosen], inputs[row, chosen] = ids[row, chosen], 4  # [MASK]
+        encoding.cap_predictions(ids[row], inputs[row], labels[row], cap, rng)
+    batch = {"input_ids": inputs, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
+             "labels": labels}
+    optimizer_cfg = OptimizerConfig(**OmegaConf.to_container(cfg.optimizer))
+    return model, tasks.for_run(cfg), batch, optimizer_cfg
+
+
+def bert_mini_mlm_rows(args, peak: float) -> list[dict]:
+    """The bert_mini_mlm preset's masked-LM train step with the MLM head at the masked positions
+    only (flaxen's default: task.max_predictions_per_row derived, 41 of 128) and, as the ablation,
+    at every position (task.max_predictions_per_row=0: the full vocabulary projection), on the same
+    batch from the same initial weights, one step of each in turn so load hits both alike (with
+    --alone: all gathered steps, then all full ones). `model_gflop_per_step` counts the same
+    Transformer FLOPs for both (the tied vocabulary projection is not in it): compare step_ms."""
+    rows = []
+    prepared = []
+    for override in (None, 0):
+        model, task, batch, optimizer_cfg = bert_mini_mlm_setup(override)
+        run_one, info = prepare_train_step(model, task, optimizer_cfg, batch, args.warmup)
+        prepared.append((model, task, batch, run_one, info))
+    gathered, full = interleaved(prepared[0][3], prepared[1][3], args.steps, alone=args.alone)
+    for (model, task, batch, _, info), times, case in zip(prepared, (gathered, full),
+                                                          ("bert_mini_mlm", "bert_mini_mlm_full_projection")):
+        batch_size, seq = batch["input_ids"].shape
+        row = _row(case, model.config, "random", batch_size, seq,
+                   {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), **info}, peak)
+        row["mlm_head_positions_per_row"] = task.gather_size(seq) or seq
+        row["timing"] = "alone" if args.alone else "interleaved"
+        rows.append(row)
+    rows[0]["speedup_over_full_projection"] = round(rows[1]["step_ms"] / rows[0]["step_ms"], 3)
+    return rows
+
+
 def _row(case, config, weights, batch_size, seq, timing, peak) -> dict:
     flops = model_flops(config, timing["non_embedding_params"], batch_size, seq)
     step = timing["median_s"]
@@ -467,7 +532,7 @@ def main():
         if "e2e_sst2" in cases:
             for row in end_to_end_rows(work, args.e2e_steps):
                 emit(row)
-        if not {"peak", "minilm", "gpt_nano"} & set(cases):
+        if not {"peak", "minilm", "gpt_nano", "bert_mini_mlm"} & set(cases):
             return
     SETTINGS["dtype"] = args.dtype
     SETTINGS["attention_implementation"] = None if args.attention == "default" else args.attention
@@ -498,6 +563,9 @@ def main():
             emit(reference)
     if "gpt2_small" in cases:
         emit(gpt2_small_case(args, peak))
+    if "bert_mini_mlm" in cases:
+        for row in bert_mini_mlm_rows(args, peak):
+            emit(row)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ FORMATS = ("tsv", "csv", "jsonl")
 TAG_SCHEMES = ("IOB1", "IOB2")
 TOKENIZER_KINDS = ("pretrained", "char", "word", "wordpiece", "bpe", "sentencepiece_bpe")
 SYNTHETIC_KINDS = ("corpus", "classification")
+RESAMPLING = ("balanced",)
 
 
 @dataclass
@@ -97,6 +98,15 @@ class DataConfig:
     convert_tag_scheme: Optional[str] = None
     # seq_cls / token_cls: declared label set (None: the sorted labels found in the train split)
     label_names: Optional[List[str]] = None
+    # seq_cls / token_cls few-shot training (flaxen.data.sampling): the train split becomes a subset with K
+    # examples per class (null: the whole split). seq_cls: K rows of each label; token_cls: sentences chosen
+    # greedily until every entity type has at least K mentions. Drawn from train_subset_seed, not `seed`,
+    # so training seeds can vary over one subset
+    train_examples_per_class: Optional[int] = None
+    train_subset_seed: int = 0
+    # seq_cls / token_cls training: `balanced` oversamples so that every epoch draws each class equally
+    # often (token_cls: a sentence's class is its rarest entity type, or none); null: off
+    resample: Optional[str] = None
     # source=text: fraction of the characters carved off the end as `validation` when no file is given;
     # source=mixture: fraction of each component's train lines held out as `validation`
     validation_fraction: float = 0.1
@@ -223,6 +233,7 @@ def check_config(cfg: DataConfig, task=None) -> None:
         raise ConfigError(f"data.mean_noise_span_length={cfg.mean_noise_span_length}: expected at least 1 token")
     if cfg.length_grouping < 0:
         raise ConfigError(f"data.length_grouping={cfg.length_grouping}: expected 0 (off) or a number of batches")
+    _check_class_sampling(cfg, task)
     if cfg.loader_threads < 0:
         raise ConfigError(f"data.loader_threads={cfg.loader_threads}: expected 0 or more")
     # (doc_stride < max_length is the qa task's check: flaxen.tasks.qa, Task.check_data_config)
@@ -262,6 +273,24 @@ def _check_parallel(cfg: DataConfig) -> None:
     if cfg.source_language == cfg.target_language:
         raise ConfigError(f"data.source_language and data.target_language are both {cfg.source_language!r}: "
                           "expected two file suffixes")
+
+
+def _check_class_sampling(cfg: DataConfig, task) -> None:
+    """data.train_examples_per_class, data.train_subset_seed and data.resample (flaxen.data.sampling):
+    their values, and a task whose examples have classes (`task.class_labels`)."""
+    k = cfg.train_examples_per_class
+    if k is not None and k < 1:
+        raise ConfigError(f"data.train_examples_per_class={k}: expected a positive number of examples per class "
+                          "(null: the whole train split)")
+    if cfg.resample is not None:
+        _choice("resample", cfg.resample, RESAMPLING)
+    if task is None or getattr(task, "class_labels", False):
+        return
+    for key, value in (("train_examples_per_class", k), ("resample", cfg.resample)):
+        if value is not None:
+            raise ConfigError(f"data.{key}={value}: applies to tasks whose examples have classes "
+                              f"({', '.join(task.class_label_tasks())}); task {task.name} has none "
+                              f"(set data.{key}=null)")
 
 
 def _check_holdout(cfg: DataConfig) -> None:

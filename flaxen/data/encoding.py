@@ -156,10 +156,13 @@ def pack(sequences: Sequence[Sequence[int]], budget: int) -> list[list[int]]:
 
 
 def mlm_row(tokenizer: Tokenizer, content: Sequence[int], rng: np.random.Generator, probability: float,
-            random_ids: np.ndarray) -> dict:
+            random_ids: np.ndarray, max_predictions: Optional[int] = None) -> dict:
     """[CLS] content [SEP] with BERT's masking: each content token is chosen with `probability`; a
     chosen token becomes [MASK] (80 %), a random non-special token (10 %) or stays (10 %); labels
-    hold the original id at chosen positions and -100 elsewhere."""
+    hold the original id at chosen positions and -100 elsewhere. `max_predictions`: at most this
+    many chosen tokens per row; a row that drew more keeps a subset of that size drawn from `rng`
+    after all other draws (so rows within the cap are as without it), the others restored and
+    unlabelled. None: no cap."""
     ids, types, special = _with_template(tokenizer.single_template, content)
     ids = np.asarray(ids, np.int32)
     maskable = ~np.asarray(special, bool)
@@ -170,7 +173,22 @@ def mlm_row(tokenizer: Tokenizer, content: Sequence[int], rng: np.random.Generat
     masked[chosen & (action < 0.8)] = tokenizer.mask_token_id
     replace = chosen & (action >= 0.8) & (action < 0.9)
     masked[replace] = random_ids[rng.integers(0, len(random_ids), len(ids))][replace]
+    if max_predictions is not None:
+        cap_predictions(ids, masked, labels, max_predictions, rng)
     return {"input_ids": masked, "token_type_ids": np.asarray(types, np.int32), "labels": labels}
+
+
+def cap_predictions(ids: np.ndarray, masked: np.ndarray, labels: np.ndarray, max_predictions: int,
+                    rng: np.random.Generator) -> None:
+    """In place: when more than `max_predictions` positions of `labels` are scored (not -100), keeps
+    a random subset of `max_predictions` of them (drawn from `rng`) and, at the others, restores
+    `masked` to the original `ids` and `labels` to -100. Draws nothing from `rng` otherwise."""
+    scored = np.flatnonzero(labels != IGNORE_INDEX)
+    if len(scored) <= max_predictions:
+        return
+    dropped = np.setdiff1d(scored, rng.choice(scored, max_predictions, replace=False))
+    masked[dropped] = ids[dropped]
+    labels[dropped] = IGNORE_INDEX
 
 
 def clm_row(stream: np.ndarray, start: int, length: int) -> dict:

@@ -20,6 +20,14 @@ similar length and mostly fall in the small buckets (HF Trainer's group_by_lengt
 function of the batch index, so resume stays exact). Each process groups its own shard, so P
 processes see the same rows per window as one process, in other batches.
 
+Tasks whose examples have classes (seq_cls, token_cls; flaxen.data.sampling) can narrow and rebalance
+the train split: with `data.train_examples_per_class=K` the train split is the task's few-shot subset
+(`records("train")`, `num_examples`, evaluation on train included; the tokenizer is built as
+without it), and with `data.resample=balanced` train loaders draw every class equally
+often per epoch (`epoch_examples`: the resampled epoch's rows), still a pure function of (seed,
+position), so resume stays exact. Loader states record both, and a state is refused by a loader
+built without the option it was saved with.
+
 `poisson_loader` (DP-SGD, flaxen.privacy) instead draws each train batch as a Poisson sample of
 the split's records, a pure function of (seed, batch index): see PoissonLoader.
 
@@ -46,6 +54,8 @@ from flaxen.errors import CheckpointError, ConfigError
 
 PREFETCH_BATCHES = 8
 ENDLESS = 1 << 62
+# loader meta keys present only when their option is on: a saved state holding one needs a loader with it
+OPTIONAL_META = ("length_grouping", "resample", "train_subset")
 
 
 def as_data_config(cfg: Any) -> DataConfig:
@@ -70,6 +80,8 @@ def _check_state(meta: dict, state: dict) -> None:
     holds a `next_index`."""
     mismatched = [f"{key}: saved {state.get(key)!r}, now {value!r}" for key, value in meta.items()
                   if state.get(key) != value]
+    mismatched += [f"{key}: saved {state[key]!r}, now None" for key in OPTIONAL_META
+                   if key in state and key not in meta]
     if mismatched:
         raise CheckpointError("the data iterator state does not belong to this loader (" + "; ".join(mismatched)
                               + "); resuming would not replay the same batches")
@@ -219,6 +231,7 @@ class TaskData:
         self.label_names = task.label_names(prepared)
         self.tag_scheme = prepared.tag_scheme
         self.regression = prepared.regression
+        task.check_class_options(self)  # few-shot subset, class weights, resampling (flaxen.data.sampling)
 
     # ------------------------------------------------------------ facts about the data
 
@@ -243,12 +256,49 @@ class TaskData:
 
     def records(self, split: str) -> list[dict]:
         """Every record of `split` in stored order (schemas in flaxen.data.builders; parallel data:
-        {"source": str, "target": str})."""
+        {"source": str, "target": str}). With data.train_examples_per_class the train split is its
+        few-shot subset (`train_subset`), still in stored order."""
+        if split == "train" and self.cfg.train_examples_per_class is not None:
+            subset, stored = self.train_subset(), self.prepared.records(split)
+            return self.cached(("train_subset_records", int(self.cfg.train_examples_per_class),
+                                int(self.cfg.train_subset_seed)), lambda: [stored[i] for i in subset])
         return self.prepared.records(split)
 
+    def train_subset(self) -> Optional[np.ndarray]:
+        """Ascending indices of the train records in the few-shot subset (data.train_examples_per_class,
+        drawn by the task from data.train_subset_seed: flaxen.data.sampling), None without one."""
+        k = self.cfg.train_examples_per_class
+        if k is None:
+            return None
+        return self.cached(("train_subset", int(k), int(self.cfg.train_subset_seed)), lambda: self.task.subset_indices(
+            self, self.prepared.records("train"), int(k), int(self.cfg.train_subset_seed)))
+
     def num_records(self, split: str) -> int:
-        """Sentences (tagging), rows (classification) or text chunks (text) stored for `split`."""
+        """Sentences (tagging), rows (classification) or text chunks (text) stored for `split` (the
+        few-shot subset's for train when there is one)."""
+        if split == "train" and self.cfg.train_examples_per_class is not None:
+            return len(self.train_subset())
         return self.prepared.num_records(split)
+
+    def epoch_examples(self, split: str) -> int:
+        """Rows one training epoch over `split` draws: num_examples, or with data.resample=balanced the
+        resampled epoch's (every class as often as the largest). What the `epochs` config key counts."""
+        return self.task.epoch_examples(self, split)
+
+    def train_summary(self) -> dict:
+        """What of the train split the run trains on, for results.json: its examples, the rows of one
+        epoch, and the few-shot subset, class weights and resampling when set."""
+        summary = {"examples": int(self.num_examples("train")), "epoch_examples": int(self.epoch_examples("train"))}
+        if self.cfg.train_examples_per_class is not None:
+            summary["examples_per_class"] = int(self.cfg.train_examples_per_class)
+            summary["subset_seed"] = int(self.cfg.train_subset_seed)
+            summary["class_counts"] = self.task.subset_summary(self, self.records("train"))
+        weights = self.task.label_weights(self) if getattr(self.task, "class_labels", False) else None
+        if weights is not None:
+            summary["class_weights"] = dict(zip(map(str, self.label_names), map(float, weights)))
+        if self.cfg.resample is not None:
+            summary["resample"] = self.cfg.resample
+        return summary
 
     def num_examples(self, split: str) -> int:
         """Real rows of one ordered pass over `split` (the task's rows: records, packed rows, windows)."""
@@ -303,6 +353,10 @@ class TaskData:
                 "vocab_size": int(self.tokenizer.vocab_size)}
         if train and group > 1:
             meta["length_grouping"] = int(group)
+        if train and self.cfg.resample is not None:
+            meta["resample"] = self.cfg.resample
+        if split == "train" and self.cfg.train_examples_per_class is not None:
+            meta["train_subset"] = [int(self.cfg.train_examples_per_class), int(self.cfg.train_subset_seed)]
         return Loader(batches, meta, self.cfg.loader_threads, num_batches)
 
 

@@ -148,6 +148,9 @@ class Task:
     # whether each train row is exactly one stored record (and a record exactly one row): the
     # example DP-SGD protects (flaxen.privacy); its per-example loss is loss_terms on that one row
     example_rows: bool = False
+    # whether examples have classes (ClassTask: seq_cls, token_cls): few-shot subsets
+    # (data.train_examples_per_class), balanced resampling (data.resample) and task.class_weights apply
+    class_labels: bool = False
 
     # ------------------------------------------------------------------ config
 
@@ -159,6 +162,40 @@ class Task:
 
     def check_config(self, cfg: Any) -> None:
         """Raises ConfigError for task settings of a TrainConfig that cannot work (beyond types)."""
+
+    @staticmethod
+    def class_label_tasks() -> list[str]:
+        """The registered tasks whose examples have classes (`class_labels`)."""
+        return [name for name, task in _REGISTRY.items() if task.class_labels]
+
+    def check_class_weights(self, value: Any) -> None:
+        """ConfigError unless task.class_weights=`value` is null, or `balanced` or a list of positive
+        numbers for a task with classes (its length is checked against the labels once the data is read)."""
+        if value is None:
+            return
+        if not self.class_labels:
+            raise ConfigError(f"task.class_weights applies to tasks whose examples have classes "
+                              f"({', '.join(self.class_label_tasks())}); task {self.name} has none "
+                              "(set task.class_weights=null)")
+        if isinstance(value, str):
+            if value != "balanced":
+                raise ConfigError(f"task.class_weights={value!r}: expected balanced, a list of num_labels positive "
+                                  "weights, or null")
+            return
+        weights = _plain(value)
+        if not isinstance(weights, list) or not weights or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 and np.isfinite(w) for w in weights):
+            raise ConfigError(f"task.class_weights={weights!r}: expected balanced, a list of num_labels positive "
+                              "weights (e.g. [1.0, 3.5]), or null")
+
+    def check_class_options(self, data: Any) -> None:
+        """Once the data is read (flaxen.data.TaskData): ConfigError when the few-shot subset, the
+        class weights or the resampling cannot be made from it (ClassTask)."""
+
+    def epoch_examples(self, data: Any, split: str) -> int:
+        """Rows one training epoch over `split` draws (what `epochs` counts): num_examples, unless the
+        task resamples."""
+        return self.num_examples(data, split)
 
     def num_labels(self, cfg: Any, data: Any) -> int:
         """The head's output size: task.num_labels, else the data's label count (labelled tasks)."""
@@ -470,3 +507,142 @@ class RecordTask(Task):
 
     def length_grouping(self, cfg: Any) -> int:
         return int(cfg.length_grouping)
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf lists and dicts as plain Python ones (other values unchanged)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover
+        return value
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+class ClassTask(RecordTask):
+    """A record task whose examples have classes (seq_cls: the label; token_cls: the word tags and
+    their entity types). For these, flaxen.data.sampling gives:
+
+    - few-shot subsets (data.train_examples_per_class, data.train_subset_seed): the train split's
+      records become `subset_indices(data, records, k, seed)` of them (TaskData.records);
+    - balanced resampling (data.resample=balanced): training epochs draw every class of
+      `resample_classes` equally often (`rows`, `epoch_examples`);
+    - class weights (task.class_weights, bound by `bind`): rows carry `label_weights`, each scored
+      label's weight (0 elsewhere), and the loss is sum(w_y * ce) / sum(w_y) (`weighted_terms`). The
+      weights enter the batch scaled so the smallest is 1, which leaves that ratio unchanged and keeps
+      every batch's total weight >= 1 (the train step divides by max(total weight, 1)).
+
+    Subclasses define `label_counts(data)` (counts of the label ids the loss sees on the train
+    split), `subset_indices`, `resample_classes` and `subset_summary`."""
+
+    class_labels = True
+    class_weights: Any = None  # the run's task.class_weights: None, "balanced" or a list
+
+    def bind(self, cfg: Any) -> "Task":
+        task_cfg = cfg.get("task") if hasattr(cfg, "get") else getattr(cfg, "task", None)
+        weights = task_cfg.get("class_weights") if hasattr(task_cfg, "get") else getattr(task_cfg, "class_weights",
+                                                                                          None)
+        weights = _plain(weights)
+        if weights == self.class_weights:
+            return self
+        import copy
+
+        bound = copy.copy(self)
+        bound.class_weights = list(weights) if isinstance(weights, (list, tuple)) else weights
+        return bound
+
+    # ------------------------------------------------------------------ to define per task
+
+    def label_counts(self, data: Any) -> np.ndarray:
+        """[num_labels] counts of each label id that the loss scores on the train split."""
+        raise NotImplementedError
+
+    def subset_indices(self, data: Any, records: list, k: int, seed: int) -> np.ndarray:
+        """Ascending indices of the few-shot subset of the train split's `records`."""
+        raise NotImplementedError
+
+    def resample_classes(self, data: Any, records: list) -> np.ndarray:
+        """[records] the class each record counts for in balanced resampling."""
+        raise NotImplementedError
+
+    def subset_summary(self, data: Any, records: list) -> dict:
+        """{class name: count} in `records` (what few-shot sampling counts: examples or mentions)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+
+    def check_class_options(self, data: Any) -> None:
+        cfg = data.cfg
+        k, resample = getattr(cfg, "train_examples_per_class", None), getattr(cfg, "resample", None)
+        used = [key for key, value in (("data.train_examples_per_class", k), ("data.resample", resample),
+                                       ("task.class_weights", self.class_weights)) if value is not None]
+        if not used or "train" not in data.splits:
+            return
+        if getattr(data, "regression", False):
+            raise ConfigError(f"{', '.join(used)}: data '{cfg.name}' is regression data (one float label per "
+                              "example), which has no classes")
+        if k is not None:
+            data.records("train")  # draws the subset: a class with fewer than K examples fails here
+        self.label_weights(data)
+        if resample is not None:
+            self.epoch_examples(data, "train")
+
+    def label_weights(self, data: Any) -> Optional[np.ndarray]:
+        """float64 [num_labels]: task.class_weights resolved on `data` (balanced: from the train
+        split the run trains on), None when unweighted. ConfigError for a list of the wrong length."""
+        if self.class_weights is None:
+            return None
+        setting = self.class_weights
+        key = ("class_weights", setting if isinstance(setting, str) else tuple(setting))
+
+        def build():
+            from flaxen.data import sampling
+
+            names = list(data.label_names or [])
+            if isinstance(setting, str):
+                return sampling.balanced_weights(self.label_counts(data), names)
+            if len(setting) != len(names):
+                raise ConfigError(f"task.class_weights has {len(setting)} weights but num_labels is {len(names)} "
+                                  f"(labels: {', '.join(map(str, names))}): give one weight per label, in that order")
+            return np.asarray(setting, np.float64)
+
+        return data.cached(key, build)
+
+    def weighted_row(self, data: Any, row: dict) -> dict:
+        """`row` with `label_weights` (each scored label's scaled class weight, 0 where nothing is
+        scored) when the run weighs classes."""
+        weights = self.label_weights(data)
+        if weights is None:
+            return row
+        scaled = (weights / weights.min()).astype(np.float32)
+        labels = np.asarray(row["labels"])
+        row["label_weights"] = np.where(labels != IGNORE_INDEX, scaled[np.maximum(labels, 0)], 0).astype(np.float32)
+        return row
+
+    def rows(self, data: Any, split: str, train: bool, seed: int):
+        if not (train and getattr(data.cfg, "resample", None)):
+            return super().rows(data, split, train, seed)
+        from flaxen.data import sampling
+        from flaxen.data.pipeline import seed32
+
+        records = data.records(split)
+        classes = data.cached(("resample_classes", split), lambda: self.resample_classes(data, records))
+        return sampling.balanced_epochs(records, classes, seed32(seed, 8)).map(lambda record: self.row(data, record))
+
+    def epoch_examples(self, data: Any, split: str) -> int:
+        if not getattr(data.cfg, "resample", None):
+            return self.num_examples(data, split)
+        records = data.records(split)
+        classes = data.cached(("resample_classes", split), lambda: self.resample_classes(data, records))
+        counts = np.bincount(np.asarray(classes, np.int64)) if len(classes) else np.zeros(0, np.int64)
+        return int((counts > 0).sum() * counts.max()) if len(counts) else 0
+
+    @staticmethod
+    def weighted_terms(losses, mask, batch: dict):
+        """(sum of losses, their weight): weighted by the batch's `label_weights` when it has them
+        (sum(w * ce), sum(w)), else the plain sum and count of `mask`."""
+        import jax.numpy as jnp
+
+        if "label_weights" in batch:
+            weights = batch["label_weights"].astype(jnp.float32) * mask
+            return jnp.sum(losses * weights), jnp.sum(weights)
+        return jnp.sum(losses * mask), jnp.sum(mask).astype(jnp.float32)

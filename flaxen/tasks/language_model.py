@@ -1,7 +1,8 @@
 """What masked and causal language modelling share: windows of `data.window_length` tokens,
 a loss averaged over scored tokens, and evaluation by loss, perplexity and accuracy (argmax hits
 on scored tokens), beside the train split's unigram entropy (the loss of a model that ignores
-context)."""
+context). The loss and accuracy read `scored_labels(batch)`, the labels aligned with the model's
+logits: the batch's labels [batch, seq], or (mlm) those at the gathered masked positions."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxen import metrics
-from flaxen.tasks.base import IGNORE_INDEX, TokenTask
+from flaxen.tasks.base import IGNORE_INDEX, TokenTask, token_cross_entropy
 
 
 class LanguageModelTask(TokenTask):
@@ -33,10 +34,19 @@ class LanguageModelTask(TokenTask):
         p = counts[counts > 0] / len(ids)
         return {"unigram_entropy": float(-(p * np.log(p)).sum())}
 
+    def scored_labels(self, batch: dict):
+        """The labels aligned with `output.logits` (traced): batch['labels'] [batch, seq]."""
+        return batch["labels"]
+
+    def loss_terms(self, output: Any, batch: dict):
+        losses, mask = token_cross_entropy(output.logits, self.scored_labels(batch))
+        return jnp.sum(losses), jnp.sum(mask).astype(jnp.float32)
+
     def eval_outputs(self, output: Any, batch: dict) -> dict:
         out = super().eval_outputs(output, batch)
-        mask = batch["labels"] != IGNORE_INDEX
-        out["correct"] = jnp.sum((jnp.argmax(output.logits, -1) == batch["labels"]) & mask).astype(jnp.float32)
+        labels = self.scored_labels(batch)
+        mask = labels != IGNORE_INDEX
+        out["correct"] = jnp.sum((jnp.argmax(output.logits, -1) == labels) & mask).astype(jnp.float32)
         return out
 
     def evaluate(self, outputs, host, data, split, task_cfg=None):

@@ -5,6 +5,11 @@ Rows: [CLS] text [SEP] (text_pair [SEP]) cut to data.max_length (longest_first),
 (squared error). Metrics: loss, accuracy, macro_f1 and a per-class report (regression: loss, the
 mean squared error).
 
+Classes (flaxen.tasks.base.ClassTask): a few-shot subset is K rows of each label
+(data.train_examples_per_class, flaxen.data.sampling.examples_per_class); balanced resampling draws
+every label equally often per epoch; task.class_weights weighs each row's cross-entropy by its
+label's weight (`label_weights` [batch] in the batch): loss = sum(w_y * ce) / sum(w_y).
+
 Attribution target: the logit of one class (default: the predicted one), as captum's Hugging Face
 tutorials attribute a model's raw output with `target=class`. The logit rather than the
 log-probability: a class's log-probability also moves with every other class's logit, so its
@@ -20,12 +25,12 @@ import numpy as np
 from flaxen import metrics
 from flaxen.data import encoding
 from flaxen.errors import ConfigError
-from flaxen.tasks.base import (IGNORE_INDEX, AttributionTarget, RecordTask, check_unused, label_index, label_strings,
+from flaxen.tasks.base import (IGNORE_INDEX, AttributionTarget, ClassTask, check_unused, label_index, label_strings,
                                register, softmax, token_cross_entropy, valid_rows)
 
 
 @register
-class SequenceClassification(RecordTask):
+class SequenceClassification(ClassTask):
     name = "seq_cls"
     head = "seq_cls"
     data_kinds = ("classification",)
@@ -37,19 +42,45 @@ class SequenceClassification(RecordTask):
             raise ConfigError(f"task seq_cls needs labels: set data.label_column ({data.cfg.name} has none)")
 
     def row(self, data: Any, record: dict) -> dict:
-        return encoding.classification_row(data.tokenizer, record, data.cfg.max_length, data.prepared.regression)
+        row = encoding.classification_row(data.tokenizer, record, data.cfg.max_length, data.prepared.regression)
+        return self.weighted_row(data, row)
 
     def collate(self, rows, batch_size, buckets, pad_id) -> dict:
         real = [row for row in rows if row is not encoding.PADDING]
         regression = bool(real) and np.asarray(real[0]["labels"]).dtype.kind == "f"
+        row_fields = {"labels": (np.float32 if regression else np.int32, IGNORE_INDEX)}
+        if self.class_weights is not None:
+            row_fields["label_weights"] = (np.float32, 0.0)
         return encoding.collate(rows, batch_size, buckets, pad_id,
-                                token_fields={"token_type_ids": (np.int32, 0)},
-                                row_fields={"labels": (np.float32 if regression else np.int32, IGNORE_INDEX)})
+                                token_fields={"token_type_ids": (np.int32, 0)}, row_fields=row_fields)
 
     def example_batch(self, cfg: Any, rows: int) -> dict:
         shapes = super().example_batch(cfg, rows)
         shapes["labels"] = ((rows,), np.int32)
+        if self.class_weights is not None:
+            shapes["label_weights"] = ((rows,), np.float32)
         return shapes
+
+    # ------------------------------------------------------------------ classes (ClassTask)
+
+    @staticmethod
+    def _labels(records) -> np.ndarray:
+        return np.asarray([int(record["label"]) for record in records], np.int64)
+
+    def label_counts(self, data: Any) -> np.ndarray:
+        return np.bincount(self._labels(data.records("train")), minlength=len(data.label_names))
+
+    def subset_indices(self, data: Any, records: list, k: int, seed: int) -> np.ndarray:
+        from flaxen.data import sampling
+
+        return sampling.examples_per_class(self._labels(records), k, seed, list(data.label_names))
+
+    def resample_classes(self, data: Any, records: list) -> np.ndarray:
+        return self._labels(records)
+
+    def subset_summary(self, data: Any, records: list) -> dict:
+        counts = np.bincount(self._labels(records), minlength=len(data.label_names))
+        return {str(name): int(count) for name, count in zip(data.label_names, counts)}
 
     def model_inputs(self, batch: dict) -> dict:
         # the label comes from the pooled first position only: BERT's last block computes that
@@ -57,6 +88,8 @@ class SequenceClassification(RecordTask):
         return {**super().model_inputs(batch), "head_positions_only": True}
 
     def loss_weight(self, batch: dict):
+        if "label_weights" in batch:
+            return jnp.sum(batch["label_weights"].astype(jnp.float32) * valid_rows(batch))
         return jnp.sum(valid_rows(batch))
 
     def loss_terms(self, output: Any, batch: dict):
@@ -66,7 +99,7 @@ class SequenceClassification(RecordTask):
             errors = jnp.square(logits[:, 0].astype(jnp.float32) - labels.astype(jnp.float32))
             return jnp.sum(errors * rows), jnp.sum(rows)
         losses, _ = token_cross_entropy(logits, jnp.where(rows > 0, labels, IGNORE_INDEX).astype(jnp.int32))
-        return jnp.sum(losses), jnp.sum(rows)
+        return self.weighted_terms(losses, rows, batch)
 
     def eval_outputs(self, output: Any, batch: dict) -> dict:
         out = super().eval_outputs(output, batch)

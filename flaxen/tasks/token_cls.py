@@ -7,6 +7,17 @@ conventions) and a per-type report; otherwise word accuracy, macro_f1 and a per-
 Words come back from sub-tokens through the labels; words cut off by truncation count as
 predicted `O`.
 
+Classes (flaxen.tasks.base.ClassTask) are entity types: with an IOB tag scheme a mention is an
+entity (seqeval's chunking: flaxen.metrics.get_entities), B-X / I-X tags giving type X; without one
+every tag but `O` is a type and each word tagged with it a mention. A few-shot subset
+(data.train_examples_per_class=K) is chosen greedily (flaxen.data.sampling.greedy_cover): every type
+has at least K mentions and no sentence can be dropped without some type falling below K. Balanced
+resampling counts a sentence for its rarest entity type (the type with the fewest mentions in the
+train split among those it holds, ties to the type listed first), and sentences without mentions
+form one more class, `none`, so they keep their share. task.class_weights weighs each scored
+token's cross-entropy by its tag's weight (`label_weights` [batch, seq]); balanced weights count the
+tag ids of scored tokens (each kept word's first sub-token) in the train rows.
+
 Attribution target: the logit of one tag (default: the predicted one) at one token position
 (default: the first word's first sub-token, the first position training scores).
 """
@@ -20,8 +31,8 @@ import numpy as np
 from flaxen import metrics
 from flaxen.data import encoding
 from flaxen.errors import ConfigError, DataError
-from flaxen.tasks.base import (IGNORE_INDEX, AttributionTarget, RecordTask, TokenTask, check_unused, label_index,
-                               label_strings, register, softmax)
+from flaxen.tasks.base import (IGNORE_INDEX, AttributionTarget, ClassTask, TokenTask, check_unused, label_index,
+                               label_strings, register, softmax, token_cross_entropy)
 
 
 def word_labels(data: Any, split: str, process_index: int = 0, process_count: int = 1) -> list[list[str]]:
@@ -38,22 +49,83 @@ def _word_predictions(predictions: np.ndarray, labels: np.ndarray, word_count: i
 
 
 @register
-class TokenClassification(RecordTask, TokenTask):
+class TokenClassification(ClassTask, TokenTask):
     name = "token_cls"
     head = "token_cls"
     data_kinds = ("tagging",)
     best_metric = ("f1", "max")
 
     def row(self, data: Any, record: dict) -> dict:
-        return encoding.tagging_row(data.tokenizer, record, data.cfg.max_length)
+        return self.weighted_row(data, encoding.tagging_row(data.tokenizer, record, data.cfg.max_length))
 
     def collate(self, rows, batch_size, buckets, pad_id) -> dict:
-        return encoding.collate(rows, batch_size, buckets, pad_id,
-                                token_fields={"token_type_ids": (np.int32, 0), "labels": (np.int32, IGNORE_INDEX)},
+        token_fields = {"token_type_ids": (np.int32, 0), "labels": (np.int32, IGNORE_INDEX)}
+        if self.class_weights is not None:
+            token_fields["label_weights"] = (np.float32, 0.0)
+        return encoding.collate(rows, batch_size, buckets, pad_id, token_fields=token_fields,
                                 row_fields={"word_count": (np.int32, 0)})
 
     def example_batch(self, cfg: Any, rows: int) -> dict:
-        return {**super().example_batch(cfg, rows), "word_count": ((rows,), np.int32)}
+        shapes = {**super().example_batch(cfg, rows), "word_count": ((rows,), np.int32)}
+        if self.class_weights is not None:
+            shapes["label_weights"] = (shapes["labels"][0], np.float32)
+        return shapes
+
+    def loss_weight(self, batch: dict):
+        if "label_weights" in batch:
+            return jnp.sum(batch["label_weights"].astype(jnp.float32) * (batch["labels"] != IGNORE_INDEX))
+        return super().loss_weight(batch)
+
+    def loss_terms(self, output: Any, batch: dict):
+        losses, mask = token_cross_entropy(output.logits, batch["labels"])
+        return self.weighted_terms(losses, mask.astype(jnp.float32), batch)
+
+    # ------------------------------------------------------------------ classes (ClassTask)
+
+    @staticmethod
+    def entity_types(data: Any) -> list[str]:
+        """The entity types of the data's tags, in the order the label names first give them."""
+        names = list(data.label_names)
+        if data.tag_scheme is None:
+            return [name for name in names if name != "O"]
+        return list(dict.fromkeys(name[2:] for name in names if name != "O"))
+
+    def mentions(self, data: Any, records: list) -> np.ndarray:
+        """[records, types] mentions of each entity type (`entity_types`) in each sentence."""
+        names, types = list(data.label_names), self.entity_types(data)
+        column = {name: index for index, name in enumerate(types)}
+        counts = np.zeros((len(records), len(types)), np.int64)
+        for row, record in enumerate(records):
+            tags = [names[t] for t in record["tags"]]
+            found = [entity[0] for entity in metrics.get_entities(tags)] if data.tag_scheme is not None else \
+                [tag for tag in tags if tag != "O"]
+            for entity_type in found:
+                counts[row, column[entity_type]] += 1
+        return counts
+
+    def label_counts(self, data: Any) -> np.ndarray:
+        counts = np.zeros(len(data.label_names), np.int64)
+        for record in data.records("train"):
+            labels = encoding.tagging_row(data.tokenizer, record, data.cfg.max_length)["labels"]
+            counts += np.bincount(labels[labels != IGNORE_INDEX], minlength=len(counts))
+        return counts
+
+    def subset_indices(self, data: Any, records: list, k: int, seed: int) -> np.ndarray:
+        from flaxen.data import sampling
+
+        return sampling.greedy_cover(self.mentions(data, records), k, seed, self.entity_types(data))
+
+    def resample_classes(self, data: Any, records: list) -> np.ndarray:
+        counts = self.mentions(data, records)
+        if counts.shape[1] == 0:
+            return np.zeros(len(records), np.int64)
+        rank = np.argsort(np.argsort(counts.sum(0), kind="stable"), kind="stable")  # 0: the rarest type
+        ranked = np.where(counts > 0, rank[None, :], counts.shape[1])
+        rarest = np.argmin(ranked, axis=1)
+        return np.where(counts.any(1), rarest, counts.shape[1])
+
+    def subset_summary(self, data: Any, records: list) -> dict:
+        return dict(zip(self.entity_types(data), map(int, self.mentions(data, records).sum(0))))
 
     def eval_outputs(self, output: Any, batch: dict) -> dict:
         out = super().eval_outputs(output, batch)
