@@ -161,6 +161,120 @@ def test_class_options_on_other_tasks_are_refused_by_name():
         config.compose(["experiment=quickstart_finetune", "privacy=dp_sgd", "data.resample=balanced"])
 
 
+def test_label_count_mapping_subsamples_named_labels_only(files):
+    full = load(cls_config(files), files)
+    stored, names = full.records("train"), full.label_names
+    members = {name: {i for i, r in enumerate(stored) if names[r["label"]] == name} for name in names}
+    cut = load(cls_config(files, train_examples_per_class={"a": 6}), files)
+    subset = set(cut.train_subset().tolist())
+    assert Counter(names[r["label"]] for r in cut.records("train")) == {"a": 6, "b": 10, "c": 5}
+    assert members["b"] | members["c"] <= subset  # labels not named keep every row
+    assert all(stored[i] == r for i, r in zip(cut.train_subset(), cut.records("train")))
+    # second code path: {every label: K} is the K-shot subset, and a label's draw is the K-shot draw of that label
+    labels = [r["label"] for r in stored]
+    assert np.array_equal(sampling.examples_per_class(labels, {"a": 4, "b": 4, "c": 4}, 0, names),
+                          sampling.examples_per_class(labels, 4, 0, names))
+    four = set(sampling.examples_per_class(labels, 4, 0, names).tolist())
+    assert four & members["a"] == set(sampling.examples_per_class(labels, {"a": 4}, 0, names).tolist()) & members["a"]
+    assert set(load(cls_config(files, train_examples_per_class={"a": 3}), files).train_subset()) < subset  # nested
+    assert np.array_equal(load(cls_config(files, train_examples_per_class={"a": 6}), files).train_subset(),
+                          cut.train_subset())
+    other_seed = load(cls_config(files, train_examples_per_class={"a": 6}, train_subset_seed=1), files)
+    assert not np.array_equal(other_seed.train_subset(), cut.train_subset())
+    summary = cut.train_summary()
+    assert summary["examples_per_class"] == {"a": 6} and summary["class_counts"] == {"a": 6, "b": 10, "c": 5}
+    weighted = load(cls_config(files, train_examples_per_class={"a": 6}), files, class_weights="balanced")
+    assert weighted.train_summary()["class_weights"] == pytest.approx(
+        {name: 21 / (3 * count) for name, count in {"a": 6, "b": 10, "c": 5}.items()}, rel=1e-12)
+    loader = cut.loader("train", 7, seed=0, train=True)
+    assert Counter(labels_drawn(loader, 3)) == {0: 6, 1: 10, 2: 5}  # one epoch of the 21 rows
+    state = json.loads(json.dumps(loader.get_state()))
+    assert state["train_subset"] == [{"a": 6}, 0]
+    want = next(loader)
+    resumed = load(cls_config(files, train_examples_per_class={"a": 6}), files).loader("train", 7, seed=0, train=True)
+    resumed.set_state(state)
+    got = next(resumed)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    with pytest.raises(CheckpointError, match=r"train_subset: saved \[\{'a': 6\}, 0\], now \[\{'a': 5\}, 0\]"):
+        load(cls_config(files, train_examples_per_class={"a": 5}), files).loader("train", 7, seed=0,
+                                                                                 train=True).set_state(state)
+
+
+def test_label_count_mapping_errors_name_key_label_and_count(files):
+    with pytest.raises(ConfigError, match=r"data.train_examples_per_class=\{'c': 6\}: label 'c' has only 5 examples"):
+        load(cls_config(files, train_examples_per_class={"c": 6}), files)
+    with pytest.raises(ConfigError, match=r"=\{'positive': 3\}: label 'positive' is not a label .*labels: a, b, c"):
+        load(cls_config(files, train_examples_per_class={"positive": 3}), files)
+    for bad, shown in (({"a": 0}, r"label 'a' has count 0"), ({"a": 1.5}, r"label 'a' has count 1.5"),
+                       ({"a": True}, r"label 'a' has count True"), ({}, r"\{\}"), ({1: 2, "1": 3}, "given twice"),
+                       ("3", r"3: expected a positive number")):
+        with pytest.raises(ConfigError, match=rf"data.train_examples_per_class=.*{shown}"):
+            check_data_config(DataConfig(train_examples_per_class=bad), tasks.get("seq_cls"))
+    with pytest.raises(ConfigError, match=r"data.train_examples_per_class=\{'PER': 3\}: a mapping from label to "
+                                          r"count applies to .*\(seq_cls\); task token_cls's few-shot subset takes one"):
+        load(ner_config(files, train_examples_per_class={"PER": 3}), files, "token_cls")
+
+
+def test_label_count_mapping_on_sst2_when_present():
+    """The imbalanced SST-2 of the minilm_sst2_imbalanced* presets, against counts read from the raw TSV."""
+    import csv
+
+    path = os.path.join(os.environ.get("FLAXEN_DATA_DIR", ""), "sst2", "train.tsv")
+    if not os.path.isfile(path):
+        pytest.skip("SST-2 is not under FLAXEN_DATA_DIR")
+    with open(path, newline="") as f:
+        labels = [int(row["label"]) for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    assert Counter(labels) == {0: 29780, 1: 37569}
+    chosen = sampling.examples_per_class(labels, {"1": 3757}, 0, ["0", "1"])
+    assert Counter(labels[i] for i in chosen) == {0: 29780, 1: 3757}
+    with pytest.raises(ConfigError, match=r"=\{'1': 37570\}: label '1' has only 37569 examples"):
+        sampling.examples_per_class(labels, {1: 37570}, 0, ["0", "1"])
+
+
+def test_imbalance_presets_compose_and_rows_record_per_label_recall(tmp_path, monkeypatch):
+    import importlib.util
+
+    for name, extra in (("minilm_sst2_imbalanced", {}), ("minilm_sst2_imbalanced_weighted", {"class_weights": "balanced"}),
+                        ("minilm_sst2_imbalanced_resampled", {"resample": "balanced"})):
+        cfg = config.compose([f"experiment={name}"])
+        assert sampling.examples_per_class_setting(cfg.data.train_examples_per_class) == {"1": 3757}
+        assert (cfg.experiment_name, cfg.steps, cfg.best_metric, cfg.eval_split, cfg.model.name) == (
+            name, 400, "macro_f1", "validation", "minilm_l6_h384")
+        assert cfg.task.class_weights == extra.get("class_weights") and cfg.data.resample == extra.get("resample")
+    cfg = config.compose(["experiment=minilm_sst2", "data.train_examples_per_class={1:3757}"])  # the command line
+    assert sampling.examples_per_class_setting(cfg.data.train_examples_per_class) == {"1": 3757}
+
+    spec = importlib.util.spec_from_file_location("flaxen_reproduce", os.path.join(ROOT, "scripts", "reproduce.py"))
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    monkeypatch.setattr(reproduce, "ROOT", str(tmp_path))
+    run_dir = reproduce.run_dir_of("minilm_sst2_imbalanced", 0)
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump({"status": "completed", "steps": 400, "wall_seconds": 270.0, "tokens_per_s": 1.0,
+                   "parameters": {"total": 1}}, f)
+    report = {"0": {"precision": 0.7, "recall": 0.98, "f1": 0.82, "support": 428},
+              "1": {"precision": 0.97, "recall": 0.6, "f1": 0.74, "support": 444}}
+    with open(os.path.join(run_dir, "eval_validation.json"), "w") as f:
+        json.dump({"split": "validation", "step": 400,
+                   "metrics": {"macro_f1": 0.78, "accuracy": 0.79, "report": report}}, f)
+    record = reproduce.seed_record("minilm_sst2_imbalanced", 0)
+    assert record["values"] == {"validation": 0.78}
+    assert record["also"] == {"accuracy": {"validation": 0.79}, "recall_negative": {"validation": 0.98},
+                              "recall_positive": {"validation": 0.6}}
+    monkeypatch.setattr(reproduce, "machine", lambda: "test machine")
+    row = reproduce.row_record("minilm_sst2_imbalanced", [record], ["python train.py experiment=minilm_sst2_imbalanced"])
+    line = next(x for x in reproduce.table({"minilm_sst2_imbalanced": row}).splitlines() if "imbalanced`" in x)
+    assert "| macro-F1 (%) | 78.00 (accuracy 79.00) (recall negative 98.00) (recall positive 60.00) |" in line
+    del report["1"]["recall"]
+    with open(os.path.join(run_dir, "eval_validation.json"), "w") as f:
+        json.dump({"split": "validation", "step": 400,
+                   "metrics": {"macro_f1": 0.78, "accuracy": 0.79, "report": report}}, f)
+    with pytest.raises(SystemExit, match=r"metrics has no report/1/recall \(row minilm_sst2_imbalanced's `also` "
+                                         r"recall_positive\)"):
+        reproduce.seed_record("minilm_sst2_imbalanced", 0)
+
+
 # ---------------------------------------------------------------------- few-shot: token_cls (greedy)
 
 

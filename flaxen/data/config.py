@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from flaxen.errors import ConfigError
 
@@ -100,9 +100,10 @@ class DataConfig:
     label_names: Optional[List[str]] = None
     # seq_cls / token_cls few-shot training (flaxen.data.sampling): the train split becomes a subset with K
     # examples per class (null: the whole split). seq_cls: K rows of each label; token_cls: sentences chosen
-    # greedily until every entity type has at least K mentions. Drawn from train_subset_seed, not `seed`,
-    # so training seeds can vary over one subset
-    train_examples_per_class: Optional[int] = None
+    # greedily until every entity type has at least K mentions. seq_cls also takes a mapping {label: count}:
+    # that many rows of each named label, every row of the others (an imbalanced split). Drawn from
+    # train_subset_seed, not `seed`, so training seeds can vary over one subset
+    train_examples_per_class: Any = None
     train_subset_seed: int = 0
     # seq_cls / token_cls training: `balanced` oversamples so that every epoch draws each class equally
     # often (token_cls: a sentence's class is its rarest entity type, or none); null: off
@@ -278,10 +279,9 @@ def _check_parallel(cfg: DataConfig) -> None:
 def _check_class_sampling(cfg: DataConfig, task) -> None:
     """data.train_examples_per_class, data.train_subset_seed and data.resample (flaxen.data.sampling):
     their values, and a task whose examples have classes (`task.class_labels`)."""
-    k = cfg.train_examples_per_class
-    if k is not None and k < 1:
-        raise ConfigError(f"data.train_examples_per_class={k}: expected a positive number of examples per class "
-                          "(null: the whole train split)")
+    from flaxen.data import sampling
+
+    k = sampling.examples_per_class_setting(cfg.train_examples_per_class)
     if cfg.resample is not None:
         _choice("resample", cfg.resample, RESAMPLING)
     if task is None or getattr(task, "class_labels", False):

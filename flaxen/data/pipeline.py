@@ -47,7 +47,7 @@ from typing import Any, Optional
 import grain
 import numpy as np
 
-from flaxen.data import builders, encoding, synthetic
+from flaxen.data import builders, encoding, sampling, synthetic
 from flaxen.data import tokenizers as tokenization
 from flaxen.data.config import DataConfig, check_config
 from flaxen.errors import CheckpointError, ConfigError
@@ -260,7 +260,7 @@ class TaskData:
         few-shot subset (`train_subset`), still in stored order."""
         if split == "train" and self.cfg.train_examples_per_class is not None:
             subset, stored = self.train_subset(), self.prepared.records(split)
-            return self.cached(("train_subset_records", int(self.cfg.train_examples_per_class),
+            return self.cached(("train_subset_records", sampling.subset_key(self.cfg.train_examples_per_class),
                                 int(self.cfg.train_subset_seed)), lambda: [stored[i] for i in subset])
         return self.prepared.records(split)
 
@@ -270,8 +270,10 @@ class TaskData:
         k = self.cfg.train_examples_per_class
         if k is None:
             return None
-        return self.cached(("train_subset", int(k), int(self.cfg.train_subset_seed)), lambda: self.task.subset_indices(
-            self, self.prepared.records("train"), int(k), int(self.cfg.train_subset_seed)))
+        return self.cached(("train_subset", sampling.subset_key(k), int(self.cfg.train_subset_seed)),
+                           lambda: self.task.subset_indices(self, self.prepared.records("train"),
+                                                            sampling.examples_per_class_setting(k),
+                                                            int(self.cfg.train_subset_seed)))
 
     def num_records(self, split: str) -> int:
         """Sentences (tagging), rows (classification) or text chunks (text) stored for `split` (the
@@ -290,7 +292,7 @@ class TaskData:
         epoch, and the few-shot subset, class weights and resampling when set."""
         summary = {"examples": int(self.num_examples("train")), "epoch_examples": int(self.epoch_examples("train"))}
         if self.cfg.train_examples_per_class is not None:
-            summary["examples_per_class"] = int(self.cfg.train_examples_per_class)
+            summary["examples_per_class"] = sampling.examples_per_class_setting(self.cfg.train_examples_per_class)
             summary["subset_seed"] = int(self.cfg.train_subset_seed)
             summary["class_counts"] = self.task.subset_summary(self, self.records("train"))
         weights = self.task.label_weights(self) if getattr(self.task, "class_labels", False) else None
@@ -356,7 +358,8 @@ class TaskData:
         if train and self.cfg.resample is not None:
             meta["resample"] = self.cfg.resample
         if split == "train" and self.cfg.train_examples_per_class is not None:
-            meta["train_subset"] = [int(self.cfg.train_examples_per_class), int(self.cfg.train_subset_seed)]
+            meta["train_subset"] = [sampling.examples_per_class_setting(self.cfg.train_examples_per_class),
+                                    int(self.cfg.train_subset_seed)]
         return Loader(batches, meta, self.cfg.loader_threads, num_batches)
 
 

@@ -7,7 +7,11 @@ SeedSequence, no Python hashing), so it is the same in every process and on ever
 - `examples_per_class(classes, k, seed, names)` (seq_cls, data.train_examples_per_class=K): for
   each class, the first K of a permutation of its examples seeded by (seed, class). The K-shot
   subset of a seed is therefore contained in its (K+1)-shot subset, and one class's draw does not
-  depend on the other classes.
+  depend on the other classes. K may also be a mapping {label name: count} (seq_cls,
+  data.train_examples_per_class={"1": 3757}): each named label keeps the first `count` of the same
+  permutation, the labels not named keep every example. So {every label: K} is the K-shot subset,
+  and subsampling one label (an imbalanced split made from a balanced one) leaves the others whole.
+  `examples_per_class_setting` reads and checks the config value; `subset_key` makes it a cache key.
 - `greedy_cover(counts, k, seed, names)` (token_cls): the greedy sampling of few-shot NER
   (Yang & Katiyar 2020, "Simple and Effective Few-Shot Named Entity Recognition with Structured
   Nearest Neighbor Learning"; Ding et al. 2021, Few-NERD). Pass 1 goes through the sentences in
@@ -28,7 +32,8 @@ SeedSequence, no Python hashing), so it is the same in every process and on ever
 from __future__ import annotations
 
 import threading
-from typing import Any, Sequence
+from collections.abc import Mapping
+from typing import Any, Sequence, Union
 
 import numpy as np
 
@@ -41,17 +46,66 @@ def _rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]))
 
 
-def examples_per_class(classes: Sequence[int], k: int, seed: int, names: Sequence[str],
-                       key: str = "data.train_examples_per_class") -> np.ndarray:
+KEY = "data.train_examples_per_class"
+Setting = Union[int, dict]  # K, or {label name: count}
+
+
+def examples_per_class_setting(value: Any, key: str = KEY) -> Setting | None:
+    """data.train_examples_per_class as plain Python: None, a positive int K, or a dict {label name
+    (str): positive count} (keys as written; YAML's `{1: 3757}` is the label "1"). ConfigError
+    naming `key` and what was expected for anything else."""
+    expected = ("expected a positive number of examples per class, or a mapping from label name to a positive "
+                "count (e.g. {\"1\": 3757}; labels not named keep all their examples), or null (the whole train split)")
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        setting = {}
+        for name, count in value.items():
+            label = str(name)
+            if label in setting:
+                raise ConfigError(f"{key}={dict(value)}: label {label!r} is given twice")
+            if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+                raise ConfigError(f"{key}={dict(value)}: label {label!r} has count {count!r}; {expected}")
+            setting[label] = int(count)
+        if not setting:
+            raise ConfigError(f"{key}={{}}: {expected}")
+        return setting
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{key}={value}: {expected}")
+    return int(value)
+
+
+def subset_key(value: Any) -> Any:
+    """A hashable form of data.train_examples_per_class (K, or the sorted (label, count) pairs of a
+    mapping), for caches."""
+    setting = examples_per_class_setting(value)
+    return tuple(sorted(setting.items())) if isinstance(setting, dict) else setting
+
+
+def examples_per_class(classes: Sequence[int], k: Any, seed: int, names: Sequence[str],
+                       key: str = KEY) -> np.ndarray:
     """Ascending indices of K examples of each class (`classes[i]`: example i's class id, an index
-    into `names`); ConfigError naming `key`, the class and its count when a class has fewer than K."""
+    into `names`), or with a mapping `k` {label name: count}, `count` examples of each named label and
+    every example of the others. ConfigError naming `key`, the label and its count when a label has
+    fewer examples than asked, or when a mapping names a label that is not in `names`."""
     classes = np.asarray(classes, np.int64)
+    names = [str(name) for name in names]
+    setting = examples_per_class_setting(k, key)
+    if isinstance(setting, dict):
+        unknown = [label for label in setting if label not in names]
+        if unknown:
+            raise ConfigError(f"{key}={setting}: label {unknown[0]!r} is not a label of the data "
+                              f"(labels: {', '.join(names)})")
     chosen = []
     for c, name in enumerate(names):
         members = np.flatnonzero(classes == c)
-        if len(members) < k:
-            raise ConfigError(f"{key}={k}: label {name!r} has only {len(members)} examples in the train split")
-        chosen.append(members[_rng(seed, 11, c).permutation(len(members))[:k]])
+        wanted = setting if isinstance(setting, int) else setting.get(name)
+        if wanted is None:
+            chosen.append(members)
+            continue
+        if len(members) < wanted:
+            raise ConfigError(f"{key}={setting}: label {name!r} has only {len(members)} examples in the train split")
+        chosen.append(members[_rng(seed, 11, c).permutation(len(members))[:wanted]])
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 

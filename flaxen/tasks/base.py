@@ -54,6 +54,7 @@ Batches follow the data contract: `labels` is IGNORE_INDEX wherever nothing is s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -523,7 +524,9 @@ class ClassTask(RecordTask):
     their entity types). For these, flaxen.data.sampling gives:
 
     - few-shot subsets (data.train_examples_per_class, data.train_subset_seed): the train split's
-      records become `subset_indices(data, records, k, seed)` of them (TaskData.records);
+      records become `subset_indices(data, records, k, seed)` of them (TaskData.records); `k` is K,
+      or where `subset_counts_per_label` a mapping {label name: count} (the labels not named keep
+      every record: an imbalanced split made from a balanced one);
     - balanced resampling (data.resample=balanced): training epochs draw every class of
       `resample_classes` equally often (`rows`, `epoch_examples`);
     - class weights (task.class_weights, bound by `bind`): rows carry `label_weights`, each scored
@@ -536,6 +539,9 @@ class ClassTask(RecordTask):
 
     class_labels = True
     class_weights: Any = None  # the run's task.class_weights: None, "balanced" or a list
+    # whether data.train_examples_per_class may be a mapping {label name: count} (each example has one
+    # label: seq_cls); else only one K (token_cls: a sentence holds several entity types)
+    subset_counts_per_label: bool = False
 
     def bind(self, cfg: Any) -> "Task":
         task_cfg = cfg.get("task") if hasattr(cfg, "get") else getattr(cfg, "task", None)
@@ -556,8 +562,9 @@ class ClassTask(RecordTask):
         """[num_labels] counts of each label id that the loss scores on the train split."""
         raise NotImplementedError
 
-    def subset_indices(self, data: Any, records: list, k: int, seed: int) -> np.ndarray:
-        """Ascending indices of the few-shot subset of the train split's `records`."""
+    def subset_indices(self, data: Any, records: list, k: Any, seed: int) -> np.ndarray:
+        """Ascending indices of the few-shot subset of the train split's `records` (`k`: K, or a
+        mapping {label name: count} where `subset_counts_per_label`)."""
         raise NotImplementedError
 
     def resample_classes(self, data: Any, records: list) -> np.ndarray:
@@ -569,6 +576,16 @@ class ClassTask(RecordTask):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared
+
+    def check_data_config(self, cfg: Any) -> None:
+        super().check_data_config(cfg)
+        k = getattr(cfg, "train_examples_per_class", None)
+        if isinstance(k, Mapping) and not self.subset_counts_per_label:
+            takers = [name for name, task in _REGISTRY.items() if getattr(task, "subset_counts_per_label", False)]
+            raise ConfigError(f"data.train_examples_per_class={_plain(k)}: a mapping from label to count applies to "
+                              f"tasks whose examples have one label each ({', '.join(takers)}); task "
+                              f"{self.name}'s few-shot subset takes one number K (its examples hold several "
+                              "classes each)")
 
     def check_class_options(self, data: Any) -> None:
         cfg = data.cfg

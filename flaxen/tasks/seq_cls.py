@@ -6,7 +6,10 @@ Rows: [CLS] text [SEP] (text_pair [SEP]) cut to data.max_length (longest_first),
 mean squared error).
 
 Classes (flaxen.tasks.base.ClassTask): a few-shot subset is K rows of each label
-(data.train_examples_per_class, flaxen.data.sampling.examples_per_class); balanced resampling draws
+(data.train_examples_per_class, flaxen.data.sampling.examples_per_class), or with a mapping
+{label name: count} that many rows of each named label and every row of the others (so
+data.train_examples_per_class={"1": 3757} keeps 10 % of SST-2's positive rows and all its negative
+ones: an imbalanced train split, labels as data.label_names spells them); balanced resampling draws
 every label equally often per epoch; task.class_weights weighs each row's cross-entropy by its
 label's weight (`label_weights` [batch] in the batch): loss = sum(w_y * ce) / sum(w_y).
 
@@ -35,6 +38,7 @@ class SequenceClassification(ClassTask):
     head = "seq_cls"
     data_kinds = ("classification",)
     best_metric = ("accuracy", "max")
+    subset_counts_per_label = True
 
     def check_data(self, data: Any) -> None:
         super().check_data(data)
@@ -70,7 +74,7 @@ class SequenceClassification(ClassTask):
     def label_counts(self, data: Any) -> np.ndarray:
         return np.bincount(self._labels(data.records("train")), minlength=len(data.label_names))
 
-    def subset_indices(self, data: Any, records: list, k: int, seed: int) -> np.ndarray:
+    def subset_indices(self, data: Any, records: list, k: Any, seed: int) -> np.ndarray:
         from flaxen.data import sampling
 
         return sampling.examples_per_class(self._labels(records), k, seed, list(data.label_names))
