@@ -34,7 +34,7 @@ import models
 from models import peft
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("constant", "warmup_linear", "warmup_cosine")
 METRIC_MODES = ("max", "min")
 
@@ -85,16 +85,21 @@ class TaskConfig:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW (decoupled weight decay, masked off biases and LayerNorm) or SGD with momentum;
-    global-norm clipping when `clip_norm` > 0."""
+    """AdamW (decoupled weight decay, masked off biases and LayerNorm), Adafactor (T5's: factored
+    second moments, updates relative to the parameter's RMS; `decay_rate`,
+    `multiply_by_parameter_scale`, `clipping_threshold` (0: off), `momentum` (null: none)) or SGD with
+    momentum; global-norm clipping when `clip_norm` > 0."""
     name: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.01
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    momentum: float = 0.9
+    momentum: Optional[float] = 0.9
     clip_norm: float = 1.0
+    decay_rate: float = 0.8
+    multiply_by_parameter_scale: bool = True
+    clipping_threshold: float = 1.0
 
 
 @dataclass

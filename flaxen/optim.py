@@ -12,6 +12,11 @@ GradientTransformation, so the train step only calls `update`.
 - AdamW applies decoupled weight decay (scaled by the learning rate) only where
   `decay_mask` is True: every parameter except biases and LayerNorm scales and biases
   (the BERT / GPT-2 convention).
+- Adafactor (Shazeer & Stern 2018; T5's optimizer) keeps factored second moments of every matrix
+  with both dimensions >= 128 and, with `multiply_by_parameter_scale`, makes each update relative
+  to the parameter's RMS, so T5's unit-variance embeddings and the small attention matrices move
+  at the same relative rate (AdamW's absolute steps barely move T5's embeddings); its weight decay
+  (`weight_decay` > 0) is masked and scaled by the learning rate like AdamW's.
 - Global-norm clipping (`clip_norm` > 0) runs before the optimizer.
 Gradient accumulation lives in the train step (flaxen.loop), which sums micro-batch gradients
 normalised by the whole batch's token count, so one update sees exactly the large batch.
@@ -64,18 +69,33 @@ def decay_mask(model: nnx.Module, params: nnx.State):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _decoupled(weight_decay: float, schedule: optax.Schedule):
+    """Adafactor's decay rate as AdamW's: weight_decay * learning rate at each update (optax applies
+    Adafactor's rate unscaled, so a rate of 0.01 would shrink every weight by 1 % a step); None if 0."""
+    if not weight_decay:
+        return None
+    return lambda count: float(weight_decay) * schedule(count)
+
+
 def make_optimizer(optimizer_cfg: Any, schedule: optax.Schedule, mask) -> optax.GradientTransformation:
-    """Clipping (if clip_norm > 0) then AdamW (decay where `mask` is True) or SGD with momentum."""
+    """Clipping (if clip_norm > 0) then AdamW or Adafactor (decay where `mask` is True) or SGD with momentum."""
     name = optimizer_cfg.name
     if name == "adamw":
         core = optax.adamw(schedule, b1=optimizer_cfg.b1, b2=optimizer_cfg.b2, eps=optimizer_cfg.eps,
                            weight_decay=optimizer_cfg.weight_decay, mask=mask)
+    elif name == "adafactor":
+        core = optax.adafactor(schedule, decay_rate=optimizer_cfg.decay_rate,
+                               multiply_by_parameter_scale=optimizer_cfg.multiply_by_parameter_scale,
+                               clipping_threshold=optimizer_cfg.clipping_threshold or None,
+                               momentum=optimizer_cfg.momentum or None,
+                               weight_decay_rate=_decoupled(optimizer_cfg.weight_decay, schedule),
+                               weight_decay_mask=mask if optimizer_cfg.weight_decay else None)
     elif name == "sgd":
         core = optax.chain(
             optax.add_decayed_weights(optimizer_cfg.weight_decay, mask=mask) if optimizer_cfg.weight_decay else optax.identity(),
             optax.sgd(schedule, momentum=optimizer_cfg.momentum or None))
     else:
-        raise ConfigError(f"optimizer.name={name!r}: expected adamw or sgd")
+        raise ConfigError(f"optimizer.name={name!r}: expected adamw, adafactor or sgd")
     if optimizer_cfg.clip_norm and optimizer_cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(optimizer_cfg.clip_norm), core)
     return core

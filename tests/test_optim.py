@@ -115,3 +115,41 @@ def test_gradient_accumulation_equals_the_large_batch_update():
     assert float(metrics["learning_rate"]) == pytest.approx(1e-2)
     for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_adafactor_matches_pytorch_reference():
+    """Adafactor's parameters after 4 updates equal transformers' PyTorch Adafactor (scale_parameter,
+    no relative step, no momentum) on a factored matrix (both dimensions >= 128) and a vector."""
+    torch = pytest.importorskip("torch")
+    from transformers.optimization import Adafactor
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(0, 0.05, (128, 160)).astype(np.float32), "b": rng.normal(0, 0.5, (160,)).astype(np.float32)}
+    grads = [{k: rng.normal(0, 1, v.shape).astype(np.float32) * (i + 1) for k, v in params.items()} for i in range(4)]
+    cfg = OptimizerConfig(name="adafactor", lr=1e-2, weight_decay=0.0, clip_norm=0.0, momentum=None)
+    optimizer = optim.make_optimizer(cfg, optax.constant_schedule(1e-2), jax.tree.map(lambda _: True, params))
+    p, state = jax.tree.map(jnp.asarray, params), None
+    state = optimizer.init(p)
+    ref = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
+    torch_opt = Adafactor(list(ref.values()), lr=1e-2, scale_parameter=True, relative_step=False, warmup_init=False)
+    for g in grads:
+        updates, state = optimizer.update(jax.tree.map(jnp.asarray, g), state, p)
+        p = optax.apply_updates(p, updates)
+        for k, v in ref.items():
+            v.grad = torch.tensor(g[k])
+        torch_opt.step()
+        for k in params:
+            np.testing.assert_allclose(np.asarray(p[k]), ref[k].detach().numpy(), rtol=1e-5, atol=1e-6)
+    # it moved: a relative step of about lr per update
+    assert float(jnp.abs(p["w"] - params["w"]).max()) > 1e-4
+
+
+def test_adafactor_weight_decay_is_decoupled_and_scaled_by_the_learning_rate():
+    """With a zero gradient only the decay acts: p <- p - lr * wd * p where the mask is True."""
+    params = {"w": jnp.full((4, 3), 0.5), "b": jnp.full((3,), 0.5)}
+    mask = {"w": True, "b": False}
+    cfg = OptimizerConfig(name="adafactor", lr=0.1, weight_decay=0.5, clip_norm=0.0, momentum=None)
+    optimizer = optim.make_optimizer(cfg, optax.constant_schedule(0.1), mask)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), -0.1 * 0.5 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(updates["b"]), 0.0, atol=0)
