@@ -187,24 +187,18 @@ class _LengthGrouped:
 
     def __init__(self, rows: grain.MapDataset, batch_size: int, group: int, seed: int, batch_fn):
         self.rows, self.batch_size, self.group, self.seed, self.batch_fn = rows, batch_size, group, seed, batch_fn
-        self._lock = threading.Lock()
-        self._windows: dict[int, list] = {}
+        self._windows = sampling.WindowCache(self._build)
 
     def _window(self, window: int) -> list:
-        with self._lock:
-            if window in self._windows:
-                return self._windows[window]
+        return self._windows[window]
+
+    def _build(self, window: int) -> list:
         size = self.batch_size * self.group
         rows = [self.rows[window * size + j] for j in range(size)]
         order = np.argsort([len(row["input_ids"]) for row in rows], kind="stable")
         batches = [[rows[i] for i in order[k * self.batch_size:(k + 1) * self.batch_size]] for k in range(self.group)]
         permutation = np.random.default_rng([self.seed, window]).permutation(self.group)
-        batches = [batches[k] for k in permutation]
-        with self._lock:
-            self._windows[window] = batches
-            for old in sorted(self._windows)[:-2]:
-                del self._windows[old]
-        return batches
+        return [batches[k] for k in permutation]
 
     def __call__(self, index: int) -> dict:
         window, position = divmod(int(index), self.group)

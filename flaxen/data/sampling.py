@@ -145,6 +145,28 @@ def balanced_weights(counts: Sequence[int], names: Sequence[str], key: str = "ta
     return counts.sum() / (len(counts) * counts)
 
 
+class WindowCache:
+    """`cache[index]` = `build(index)`, kept for the two most recent windows a loader computed
+    (epochs of BalancedEpochs, length-grouped batch windows in flaxen.data.pipeline): its prefetch
+    threads share one build of the window they read, and memory stays bounded."""
+
+    def __init__(self, build):
+        self.build = build
+        self._lock = threading.Lock()
+        self._values: dict[int, Any] = {}
+
+    def __getitem__(self, index: int):
+        with self._lock:
+            if index in self._values:
+                return self._values[index]
+        value = self.build(index)
+        with self._lock:
+            self._values[index] = value
+            for old in sorted(self._values)[:-2]:
+                del self._values[old]
+        return value
+
+
 class BalancedEpochs:
     """Position -> index of an example, epoch after epoch (see the module docstring); `length`: one
     epoch's positions (C * m). Classes without examples take no part."""
@@ -155,25 +177,19 @@ class BalancedEpochs:
         self.per_class = max((len(m) for m in self.members), default=0)
         self.length = self.per_class * len(self.members)
         self.seed = seed
-        self._lock = threading.Lock()
-        self._epochs: dict[int, np.ndarray] = {}
+        self._epochs = WindowCache(self._draw)
 
     def epoch(self, epoch: int) -> np.ndarray:
         """The example indices of `epoch`, in the order it draws them [length]."""
-        with self._lock:
-            if epoch in self._epochs:
-                return self._epochs[epoch]
+        return self._epochs[epoch]
+
+    def _draw(self, epoch: int) -> np.ndarray:
         rng = _rng(self.seed, 13, epoch)
         drawn = []
         for members in self.members:
             repeats, rest = divmod(self.per_class, len(members))
             drawn += [np.tile(members, repeats), rng.choice(members, rest, replace=False)]
-        order = np.concatenate(drawn)[rng.permutation(self.length)]
-        with self._lock:
-            self._epochs[epoch] = order
-            for old in sorted(self._epochs)[:-2]:
-                del self._epochs[old]
-        return order
+        return np.concatenate(drawn)[rng.permutation(self.length)]
 
     def __call__(self, position: int) -> int:
         epoch, offset = divmod(int(position), self.length)

@@ -642,14 +642,17 @@ class ClassTask(RecordTask):
         from flaxen.data.pipeline import seed32
 
         records = data.records(split)
-        classes = data.cached(("resample_classes", split), lambda: self.resample_classes(data, records))
-        return sampling.balanced_epochs(records, classes, seed32(seed, 8)).map(lambda record: self.row(data, record))
+        return sampling.balanced_epochs(records, self._classes(data, split), seed32(seed, 8)).map(
+            lambda record: self.row(data, record))
+
+    def _classes(self, data: Any, split: str) -> np.ndarray:
+        """`resample_classes` of the split's records, computed once per data."""
+        return data.cached(("resample_classes", split), lambda: self.resample_classes(data, data.records(split)))
 
     def epoch_examples(self, data: Any, split: str) -> int:
         if not getattr(data.cfg, "resample", None):
             return self.num_examples(data, split)
-        records = data.records(split)
-        classes = data.cached(("resample_classes", split), lambda: self.resample_classes(data, records))
+        classes = self._classes(data, split)
         counts = np.bincount(np.asarray(classes, np.int64)) if len(classes) else np.zeros(0, np.int64)
         return int((counts > 0).sum() * counts.max()) if len(counts) else 0
 
@@ -659,7 +662,14 @@ class ClassTask(RecordTask):
         (sum(w * ce), sum(w)), else the plain sum and count of `mask`."""
         import jax.numpy as jnp
 
-        if "label_weights" in batch:
-            weights = batch["label_weights"].astype(jnp.float32) * mask
-            return jnp.sum(losses * weights), jnp.sum(weights)
-        return jnp.sum(losses * mask), jnp.sum(mask).astype(jnp.float32)
+        weights = ClassTask.scored_weights(mask, batch)
+        return jnp.sum(losses * weights), jnp.sum(weights)
+
+    @staticmethod
+    def scored_weights(mask, batch: dict):
+        """float32 like `mask`: each scored label's class weight (`label_weights`), or `mask` itself
+        when the run does not weigh classes; their sum is the loss's weight."""
+        import jax.numpy as jnp
+
+        mask = mask.astype(jnp.float32)
+        return batch["label_weights"].astype(jnp.float32) * mask if "label_weights" in batch else mask

@@ -92,9 +92,7 @@ class SequenceClassification(ClassTask):
         return {**super().model_inputs(batch), "head_positions_only": True}
 
     def loss_weight(self, batch: dict):
-        if "label_weights" in batch:
-            return jnp.sum(batch["label_weights"].astype(jnp.float32) * valid_rows(batch))
-        return jnp.sum(valid_rows(batch))
+        return jnp.sum(self.scored_weights(valid_rows(batch), batch))
 
     def loss_terms(self, output: Any, batch: dict):
         logits, labels = output.logits, batch["labels"]

@@ -72,9 +72,7 @@ class TokenClassification(ClassTask, TokenTask):
         return shapes
 
     def loss_weight(self, batch: dict):
-        if "label_weights" in batch:
-            return jnp.sum(batch["label_weights"].astype(jnp.float32) * (batch["labels"] != IGNORE_INDEX))
-        return super().loss_weight(batch)
+        return jnp.sum(self.scored_weights(batch["labels"] != IGNORE_INDEX, batch))
 
     def loss_terms(self, output: Any, batch: dict):
         losses, mask = token_cross_entropy(output.logits, batch["labels"])
