@@ -83,13 +83,13 @@ ROWS = {
                              "validation; exact_match and f1 in percent with the official v1.1 normalisation."),
     "bert_mini_mlm": row("pretraining text", "loss", ["validation"],
                          label="bert_mini, masked-LM pretraining by flaxen"),
-    "bert_mini_pretrained_sst2": row("SST-2", "accuracy", ["validation"], needs=["bert_mini_mlm"],
+    "bert_mini_pretrained_sst2": row("SST-2", "accuracy", ["validation"], (0, 1, 2), needs=["bert_mini_mlm"],
                                      label="bert_mini, flaxen-pretrained, fine-tuned"),
-    "bert_mini_scratch_sst2": row("SST-2", "accuracy", ["validation"], needs=["bert_mini_mlm"],
+    "bert_mini_scratch_sst2": row("SST-2", "accuracy", ["validation"], (0, 1, 2), needs=["bert_mini_mlm"],
                                   label="bert_mini, from scratch"),
-    "bert_mini_pretrained_conll2003": row("CoNLL-2003", "f1", ["validation", "test"], needs=["bert_mini_mlm"],
+    "bert_mini_pretrained_conll2003": row("CoNLL-2003", "f1", ["validation", "test"], (0, 1, 2), needs=["bert_mini_mlm"],
                                           label="bert_mini, flaxen-pretrained, fine-tuned"),
-    "bert_mini_scratch_conll2003": row("CoNLL-2003", "f1", ["validation", "test"], needs=["bert_mini_mlm"],
+    "bert_mini_scratch_conll2003": row("CoNLL-2003", "f1", ["validation", "test"], (0, 1, 2), needs=["bert_mini_mlm"],
                                        label="bert_mini, from scratch"),
     "minilm_sst2_dp": row("SST-2", "accuracy", ["validation"],
                           label="all-MiniLM-L6-v2 + BitFit, DP-SGD (ε = 8, δ = 1/n)",
@@ -196,7 +196,8 @@ def machine() -> str:
 
 
 def plot_loss_curve(run_dir: str, title: str) -> str:
-    """run_dir/loss_curve.png: training loss and every logged validation metric against step."""
+    """run_dir/loss_curve.png: training loss and every logged validation metric against step, and the
+    train split's unigram entropy where the run recorded one (masked and causal LM)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,6 +215,10 @@ def plot_loss_curve(run_dir: str, title: str) -> str:
         loss_axis.plot(*zip(*train), label="train loss", color="tab:blue")
     if "validation/loss" in evals:
         loss_axis.plot(*zip(*evals.pop("validation/loss")), "o-", label="validation loss", color="tab:orange")
+    results_path = os.path.join(run_dir, "results.json")
+    entropy = _read_json(results_path).get("unigram_entropy") if os.path.exists(results_path) else None
+    if entropy is not None:  # a language model's context-free floor: the train split's unigram entropy
+        loss_axis.axhline(entropy, linestyle=":", color="tab:gray", label=f"unigram entropy {entropy:.2f}")
     loss_axis.set_xlabel("step")
     loss_axis.set_ylabel("loss")
     handles, labels = loss_axis.get_legend_handles_labels()
