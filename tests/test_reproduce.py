@@ -122,3 +122,47 @@ def test_peft_compare_collects_finished_runs(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "unfinished")
     assert module.main(["--collect", str(tmp_path / "unfinished"), "--out", str(tmp_path / "other.json")]) == 2
     assert not os.path.exists(tmp_path / "other.json")
+
+
+def test_fewshot_curve_from_finished_runs(tmp_path, monkeypatch):
+    """scripts/fewshot.py: the command of each (model, K, subset) composes to the few-shot config it
+    names; per model and K the 5 subsets' last-step accuracies give mean and sample std; the JSON
+    keeps every run and the figure is drawn."""
+    spec = importlib.util.spec_from_file_location("flaxen_fewshot", os.path.join(ROOT, "scripts", "fewshot.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "ROOT", str(tmp_path))
+    monkeypatch.setattr(module, "OUT", str(tmp_path / "results" / "fewshot_sst2.json"))
+    assert [module.budget(k)["steps"] for k in (16, 64, 256)] == [50, 80, 320]
+
+    command = module.train_command("minilm_sst2", 64, 3)
+    assert command[-1] == "hydra.run.dir='runs/fewshot_sst2/minilm_sst2/K=64/subset=3'"
+    cfg = config.compose(command[2:-1])
+    assert (cfg.data.train_examples_per_class, cfg.data.train_subset_seed, cfg.steps, cfg.batch_size,
+            cfg.schedule.warmup_steps, cfg.eval_every) == (64, 3, 80, 16, 8, 0)
+
+    accuracy = {(k, s): 0.5 + 0.01 * s + k / 1000 for k in (16, 64) for s in range(5)}
+
+    def fake_train(command, extra):
+        overrides = dict(word.split("=", 1) for word in command[2:-1])
+        k, subset = int(overrides["data.train_examples_per_class"]), int(overrides["data.train_subset_seed"])
+        run_dir = module.run_dir_of("minilm_sst2", k, subset)
+        os.makedirs(run_dir)
+        steps = module.budget(k)["steps"]
+        with open(os.path.join(run_dir, "results.json"), "w") as f:
+            json.dump({"status": "completed", "steps": steps, "wall_seconds": 30.0,
+                       "train_length": {"epoch_examples": 2 * k}}, f)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": steps, "loss": 0.3}) + "\n")
+            f.write(json.dumps({"step": steps, "validation/accuracy": accuracy[k, subset]}) + "\n")
+
+    monkeypatch.setattr(module, "_run", fake_train)
+    assert module.main(["--models", "minilm_sst2", "--ks", "16", "64"]) == 0
+    report = json.load(open(tmp_path / "results" / "fewshot_sst2.json"))
+    for k in (16, 64):
+        entry = report["models"]["minilm_sst2"][str(k)]
+        values = [accuracy[k, s] for s in range(5)]
+        assert entry["summary"]["values"] == values and [r["train_examples"] for r in entry["runs"]] == [2 * k] * 5
+        assert entry["summary"]["mean"] == pytest.approx(statistics.fmean(values))
+        assert entry["summary"]["std"] == pytest.approx(statistics.stdev(values))
+    assert os.path.getsize(tmp_path / "results" / "fewshot_sst2.png") > 1000
