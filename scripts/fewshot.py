@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reproduce import ROOT, _read_json, _run, _write_json, git_commit, machine, override, shell_command  # noqa: E402
+from reproduce import (ROOT, _read_json, _run, _write_json, completed_results, curve, git_commit,  # noqa: E402
+                       machine, override, shell_command, spread)
 
 MODELS = {"minilm_sst2": "all-MiniLM-L6-v2 (public checkpoint)",
           "bert_mini_pretrained_sst2": "bert_mini, flaxen-pretrained (bert_mini_mlm)",
@@ -67,13 +66,10 @@ def train_command(model: str, k: int, subset: int) -> list[str]:
 
 def final_accuracy(run_dir: str, steps: int) -> float:
     """Validation accuracy of the model at the last step: train.py's one evaluation (eval_every=0
-    evaluates only at the end), read from the run's metrics.jsonl."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    found = [r["validation/accuracy"] for r in rows if r.get("step") == steps and "validation/accuracy" in r]
+    evaluates only at the end), as the run's metrics.jsonl logged it."""
+    found = [value for step, value in curve(run_dir, "validation/accuracy") if step == steps]
     if not found:
-        raise SystemExit(f"{path}: no validation accuracy at the last step {steps}")
+        raise SystemExit(f"{os.path.join(run_dir, 'metrics.jsonl')}: no validation accuracy at the last step {steps}")
     return found[-1]
 
 
@@ -83,21 +79,13 @@ def run_one(model: str, k: int, subset: int) -> dict:
     command = train_command(model, k, subset)
     start = time.perf_counter()
     _run(command, [])
-    results = _read_json(os.path.join(run_dir, "results.json"))
-    if results.get("status") != "completed":
-        raise SystemExit(f"{run_dir}: the run did not complete (status {results.get('status')!r})")
+    results = completed_results(run_dir)
     accuracy = final_accuracy(run_dir, results["steps"])
     print(f"[fewshot] {model} K={k} subset={subset}: accuracy {accuracy:.4f}", flush=True)
     return {"subset": subset, "accuracy": accuracy, "steps": results["steps"],
             "train_examples": results.get("train_length", {}).get("epoch_examples"),
             "wall_seconds": results["wall_seconds"], "command_seconds": time.perf_counter() - start,
             "run_dir": os.path.relpath(run_dir, ROOT), "command": shell_command(command)}
-
-
-def summarise(runs: list[dict]) -> dict:
-    values = [r["accuracy"] for r in runs]
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values, "subsets": [r["subset"] for r in runs]}
 
 
 def plot(report: dict, path: str) -> None:
@@ -147,7 +135,8 @@ def main(argv=None) -> int:
             entry = report["models"].setdefault(model, {}).setdefault(str(k), {"runs": []})
             kept = [r for r in entry["runs"] if r["subset"] not in args.subsets]
             entry["runs"] = sorted(kept + runs, key=lambda r: r["subset"])
-            entry["summary"] = summarise(entry["runs"])
+            entry["summary"] = {**spread([r["accuracy"] for r in entry["runs"]]),
+                                "subsets": [r["subset"] for r in entry["runs"]]}
             entry["budget"] = budget(k)
             report.update(task="SST-2 validation accuracy, few-shot training subsets", labels=MODELS,
                           machine=machine(), date=datetime.date.today().isoformat(), git_commit=git_commit())

@@ -180,6 +180,32 @@ def _write_json(path: str, value) -> None:
     os.replace(temporary, path)
 
 
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value) and the values themselves."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def metrics_rows(run_dir: str) -> list[dict]:
+    """The lines of run_dir/metrics.jsonl (training logs and periodic evaluations), in order."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def completed_results(run_dir: str) -> dict:
+    """run_dir/results.json of a run that completed; SystemExit naming the run otherwise."""
+    results = _read_json(os.path.join(run_dir, "results.json"))
+    if results.get("status") != "completed":
+        raise SystemExit(f"{run_dir}: the run did not complete (status {results.get('status')!r})")
+    return results
+
+
+def curve(run_dir: str, key: str) -> list[list]:
+    """[[step, value], ...] of one key of the run's metrics.jsonl ("loss": the logged training loss,
+    "validation/<metric>": the periodic evaluations)."""
+    return [[r["step"], r[key]] for r in metrics_rows(run_dir) if key in r]
+
+
 def host() -> str:
     """The CPU model and core count, e.g. 'Intel(R) Xeon(R) Processor, 2 cores'."""
     cpu = platform.processor() or platform.machine()
@@ -208,7 +234,7 @@ def plot_loss_curve(run_dir: str, title: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
+    rows = metrics_rows(run_dir)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = {}
     for r in rows:
@@ -248,12 +274,12 @@ def seed_record(name: str, seed: int) -> dict:
     """What one finished seed of a row measured, from the files its runs wrote."""
     spec = ROWS[name]
     run_dir = run_dir_of(name, seed)
-    results = _read_json(os.path.join(run_dir, "results.json"))
-    if results.get("status") != "completed":
-        raise SystemExit(f"{run_dir}: the run did not complete (status {results.get('status')!r})")
+    results = completed_results(run_dir)
     record = {"seed": seed, "run_dir": os.path.relpath(run_dir, ROOT), "steps": results["steps"],
               "wall_seconds": results["wall_seconds"], "tokens_per_s": results["tokens_per_s"],
               "parameters": results["parameters"]["total"], "values": {}, "eval_files": {}}
+    # the curves the run logged: what a reader of results/<row>.json can check a loss-curve claim against
+    record["curve"] = {key: curve(run_dir, key) for key in ("loss", f"validation/{spec['metric']}")}
     if results.get("unigram_entropy") is not None:
         record["unigram_entropy"] = results["unigram_entropy"]
     if results.get("init_from") is not None:  # what a fine-tuning row started from (run, step, counts)
@@ -286,8 +312,7 @@ def row_record(name: str, seeds: list[dict], commands: list[str]) -> dict:
     summary = {}
     for split in spec["splits"]:
         values = [s["values"][split] for s in seeds]
-        summary[split] = {"mean": statistics.fmean(values),
-                          "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+        summary[split] = spread(values)
     target = None
     if spec["target"] is not None:
         split, minimum = spec["target"]
@@ -297,8 +322,7 @@ def row_record(name: str, seeds: list[dict], commands: list[str]) -> dict:
     for metric in spec.get("also", []):
         for split in spec["splits"]:
             values = [s["also"][metric][split] for s in seeds]
-            also.setdefault(metric, {})[split] = {"mean": statistics.fmean(values), "values": values,
-                                                  "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+            also.setdefault(metric, {})[split] = spread(values)
     return {"row": name, "task": spec["task"], "label": spec["label"], "note": spec.get("note"), "metric": spec["metric"],
             "splits": spec["splits"], "summary": summary, "also": also, "target": target,
             "seeds": [s["seed"] for s in seeds], "runs": seeds, "commands": commands,

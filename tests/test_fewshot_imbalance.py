@@ -253,6 +253,8 @@ def test_imbalance_presets_compose_and_rows_record_per_label_recall(tmp_path, mo
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump({"status": "completed", "steps": 400, "wall_seconds": 270.0, "tokens_per_s": 1.0,
                    "parameters": {"total": 1}}, f)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 400, "loss": 0.3}) + "\n" + json.dumps({"step": 400, "validation/macro_f1": 0.78}) + "\n")
     report = {"0": {"precision": 0.7, "recall": 0.98, "f1": 0.82, "support": 428},
               "1": {"precision": 0.97, "recall": 0.6, "f1": 0.74, "support": 444}}
     with open(os.path.join(run_dir, "eval_validation.json"), "w") as f:
@@ -260,6 +262,7 @@ def test_imbalance_presets_compose_and_rows_record_per_label_recall(tmp_path, mo
                    "metrics": {"macro_f1": 0.78, "accuracy": 0.79, "report": report}}, f)
     record = reproduce.seed_record("minilm_sst2_imbalanced", 0)
     assert record["values"] == {"validation": 0.78}
+    assert record["curve"] == {"loss": [[400, 0.3]], "validation/macro_f1": [[400, 0.78]]}
     assert record["also"] == {"accuracy": {"validation": 0.79}, "recall_negative": {"validation": 0.98},
                               "recall_positive": {"validation": 0.6}}
     monkeypatch.setattr(reproduce, "machine", lambda: "test machine")

@@ -53,6 +53,8 @@ def test_rows_seeds_table_and_figures(reproduce, tmp_path):
     assert reproduce.shell_command(evaluation) == \
         "python eval.py \"run_dir='runs/minilm_sst2/seed=2'\" split=validation step=800"
     records = [reproduce.seed_record("minilm_sst2", seed) for seed in range(3)]
+    assert records[0]["curve"] == {"loss": [[50, 1.0 / 50], [100, 1.0 / 100]],
+                                   "validation/accuracy": [[50, 0.5], [100, 0.5]]}
     report = reproduce.row_record("minilm_sst2", records, ["python train.py experiment=minilm_sst2"])
     summary = report["summary"]["validation"]
     assert summary["mean"] == pytest.approx(statistics.fmean(accuracies))
