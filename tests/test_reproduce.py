@@ -64,13 +64,16 @@ def test_rows_seeds_table_and_figures(reproduce, tmp_path):
     per_type = {"PER": {"precision": 0.9, "recall": 0.9, "f1": 0.9, "support": 10}}
     for name, value in (("bert_mini_pretrained_conll2003", 0.7), ("bert_mini_scratch_conll2003", 0.5)):
         fake_run(reproduce, name, 0, {"validation": value + 0.02, "test": value}, report=per_type)
-    reports = {"minilm_sst2": report}
+    fake_run(reproduce, "minilm_sst2_tuned", 0, {"validation": 0.905})
+    reports = {"minilm_sst2": report,
+               "minilm_sst2_tuned": reproduce.row_record("minilm_sst2_tuned", [reproduce.seed_record("minilm_sst2_tuned", 0)], [])}
     for name in ("bert_mini_pretrained_conll2003", "bert_mini_scratch_conll2003"):
         reports[name] = reproduce.row_record(name, [reproduce.seed_record(name, 0)], [])
     assert reports["bert_mini_pretrained_conll2003"]["runs"][0]["per_type"]["test"] == per_type
 
     text = reproduce.table(reports)
     assert "| `minilm_sst2` | SST-2 |" in text and "88.67 ± 1.53" in text and "validation ≥ 88: met" in text
+    assert "| validation ≥ 90: met; vs the 800-step preset: +1.83 pts |" in text  # a target and a comparison
     assert "vs scratch: +20.00 / +20.00 pts" in text and "| `minilm_conll2003` |" in text and "not run" in text
 
     readme = tmp_path / "README.md"

@@ -11,9 +11,11 @@ examples at batch 8, the preset's unit of training length).
   trials.jsonl and optimization_results.yaml agree with the study.
 - The preset's own objective (accuracy, maximize): a trial that diverges (learning rate 1e30) is
   recorded as failed while the other trial completes and returns its best logged accuracy.
+  scripts/reproduce.py --search records the sweep (command, trials, best completed trial).
 - The checks before a trial trains (flaxen.sweep.check), in-process: no evaluation, a direction
   against the metric, a run directory that already holds a run.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -149,6 +151,26 @@ def test_a_diverged_trial_is_recorded_as_failed_and_the_search_goes_on(workdir):
     assert records[1e-3]["metric"] == "accuracy" and records[1e-3]["direction"] == "maximize"
     with open(os.path.join(sweep_dir, "optimization_results.yaml")) as f:
         assert yaml.safe_load(f)["best_params"] == {"optimizer.lr": 1e-3}
+
+    # scripts/reproduce.py --search: what results/<experiment>_search.json records of this sweep
+    reproduce = reproduce_script()
+    record = reproduce.search_record(sweep_dir)
+    assert [t["status"] for t in record["trials"]] == ["completed", "failed"]
+    assert record["best"]["trial"] == trials[1e-3].number == 0 and record["best"]["value"] == trials[1e-3].value
+    assert record["best"]["params"] == records[1e-3]["params"] and record["best"]["steps"] == 3
+    assert record["metric"] == "accuracy" and record["direction"] == "maximize"
+    assert record["command"].startswith("python ") and "hparams_search=finetune" in record["command"]
+    assert '"optimizer.lr=choice(1e30,1e-3)"' in record["command"]  # the sweep's own command line, quoted for a shell
+    assert record["wall_seconds_total"] >= record["trials"][0]["wall_seconds"] > 0
+    with pytest.raises(SystemExit, match="trials.jsonl: no such file"):
+        reproduce.search_record(os.path.join(sweep_dir, "trial_0"))
+
+
+def reproduce_script():
+    spec = importlib.util.spec_from_file_location("flaxen_reproduce_sweep", os.path.join(ROOT, "scripts", "reproduce.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def trial(direction="maximize") -> sweep.Trial:
