@@ -194,10 +194,14 @@ def spread(values: list[float]) -> dict:
             "values": values}
 
 
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def metrics_rows(run_dir: str) -> list[dict]:
     """The lines of run_dir/metrics.jsonl (training logs and periodic evaluations), in order."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def completed_results(run_dir: str) -> dict:
@@ -349,21 +353,18 @@ def search_record(sweep_dir: str) -> dict:
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such file; --search takes the directory of an Optuna sweep "
                          "(multirun/<experiment_name>/<date_time>), where train.py -m writes trials.jsonl")
-    with open(path) as f:
-        trials = [json.loads(line) for line in f if line.strip()]
+    trials = _read_jsonl(path)
     completed = [t for t in trials if t["status"] == "completed"]
     if not completed:
         raise SystemExit(f"{path}: no trial completed ({len(trials)} recorded)")
+    argv = _read_jsonl(os.path.join(trials[0]["run_dir"], "commands.jsonl"))[0]["argv"]
     for trial in trials:
         results_path = os.path.join(trial["run_dir"], "results.json")
         results = _read_json(results_path) if os.path.isfile(results_path) else {}
         trial["steps"], trial["wall_seconds"] = results.get("steps"), results.get("wall_seconds")
+        trial["run_dir"] = os.path.relpath(trial["run_dir"], ROOT)
     direction = completed[0]["direction"]
     best = (max if direction == "maximize" else min)(completed, key=lambda t: t["value"])
-    with open(os.path.join(trials[0]["run_dir"], "commands.jsonl")) as f:
-        argv = json.loads(f.readline())["argv"]
-    for trial in trials:
-        trial["run_dir"] = os.path.relpath(trial["run_dir"], ROOT)
     return {"sweep_dir": os.path.relpath(os.path.abspath(sweep_dir), ROOT), "command": shell_command(["python"] + argv),
             "metric": completed[0]["metric"], "direction": direction,
             "best": {key: best[key] for key in ("trial", "value", "params", "steps", "run_dir")},
@@ -445,13 +446,13 @@ def table(reports: dict) -> str:
         for other, by_split in (report.get("also") or {}).items():
             for split, summary in by_split.items():
                 cells[split] = f"{cells[split]} ({other.replace('_', ' ')} {_cell(summary, other, scale)})"
-        target = report.get("target")
+        target, comparison = report.get("target"), _comparison(name, reports, scale)
         if target is not None:
             verdict = "met" if target["met"] else f"missed by {scale * -target['margin']:.2f} pts"
             target_text = "; ".join(filter(None, [f"{target['split']} ≥ {scale * target['minimum']:.0f}: {verdict}",
-                                                  _comparison(name, reports, scale)]))
-        elif _comparison(name, reports, scale):
-            target_text = _comparison(name, reports, scale)
+                                                  comparison]))
+        elif comparison:
+            target_text = comparison
         elif report["runs"][0].get("privacy") is not None:
             private = report["runs"][0]["privacy"]
             target_text = (f"ε {private['epsilon']:.2f} at δ {private['delta']:.2g} (σ {private['noise_multiplier']:.3f}, "
